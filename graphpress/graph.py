@@ -1,0 +1,93 @@
+"""Small helpers for fx surgery on captured programs: parameters, op tests, aliasing, clean-up."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+
+def is_op(node: fx.Node, *targets: object) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def get_tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    return _resolve(gm, node.target)
+
+
+def _resolve(gm: nn.Module, target: str) -> torch.Tensor:
+    *path, leaf = target.split(".")
+    mod = gm.get_submodule(".".join(path)) if path else gm
+    return getattr(mod, leaf)
+
+
+def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Create or replace the parameter (or buffer) at ``target``, creating parent modules as needed."""
+    *path, leaf = target.split(".")
+    mod: nn.Module = gm
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if hasattr(mod, leaf) and leaf in mod._buffers:
+        mod._buffers[leaf] = value.detach()
+        return
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+    mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
+
+
+def delete_tensor(gm: fx.GraphModule, target: str) -> None:
+    *path, leaf = target.split(".")
+    mod = gm.get_submodule(".".join(path)) if path else gm
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+
+
+def module_name(weight_target: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``."""
+    return weight_target.rsplit(".", 1)[0] if "." in weight_target else weight_target
+
+
+def aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Qualified name -> every name (itself included) that shares its storage (tied weights)."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        if t.numel():
+            groups[t.untyped_storage().data_ptr()].append(name)
+    return {n: names for names in groups.values() for n in names}
+
+
+def is_shared(gm: fx.GraphModule, weight: fx.Node) -> bool:
+    """True when rewriting this get_attr's tensor would change something else too."""
+    names = aliases(gm).get(weight.target, [weight.target])
+    uses = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in names]
+    return len(names) > 1 or len(uses) > 1 or len(weight.users) > 1
+
+
+def new_get_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    set_tensor(gm, target, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = value
+    return node
+
+
+def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop dead nodes and the parameters no get_attr reads any more; lint and recompile."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)):
+        if name not in used:
+            delete_tensor(gm, name)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,67 @@
+"""The pass contract: every pass is a frozen config with ``__call__(gm, ctx) -> PassResult``.
+
+A pass says whether it is exact (outputs unchanged up to rounding) or lossy; the runner checks exact passes
+numerically in verify mode. Passes that act on chosen layers take ``targets`` / ``ignore``: regexes over
+module qualified names (``model.layers.0.self_attn.q_proj``); ``re.search`` semantics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from graphpress.program import Program
+
+
+class PassError(RuntimeError):
+    """A pass refused its input; the message names the pass, the node or module, and what to do."""
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    # what changed: counts ("folded": 3), bytes, and "skipped": {node or module: reason}
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the program's facts and calibration batches."""
+
+    program: Program
+    # batches of positional inputs (same order as program.input_names), for passes that run the model
+    calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: ClassVar[str] = "pass"
+    exact: ClassVar[bool] = True
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Module-name selection shared by passes that act on chosen layers."""
+
+    targets: tuple[str, ...] = (".*",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for pattern in (*self.targets, *self.ignore):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid module-name regex {pattern!r}: {e}") from e
+
+    def selects(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.targets) and not any(
+            re.search(p, module_name) for p in self.ignore
+        )

@@ -48,7 +48,7 @@ def capture(
         inputs = tuple(example_inputs[k] for k in input_names)
     else:
         inputs = tuple(example_inputs)
-        input_names = tuple(f"input_{i}" for i in range(len(inputs))) if len(inputs) > 1 else ("input",)
+        input_names = _positional_names(model, len(inputs))
     hf_kind = _hf_kind(model)
     kind = kind or hf_kind or "module"
     name = name or type(model).__name__
@@ -82,6 +82,15 @@ def capture(
         name=name,
         kind=kind,
     )
+
+
+def _positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
+    """The forward's own parameter names, when it has that many plain ones; else input_0, input_1, ..."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) >= n:
+        return tuple(p.name for p in params[:n])
+    return tuple(f"input_{i}" for i in range(n))
 
 
 def _hf_kind(model: nn.Module) -> str | None:

@@ -1,0 +1,151 @@
+"""The evaluation protocol, one for every artifact (torch model, captured program, ONNX file).
+
+Text: CPython's ``pydoc_data.topics``, the topics joined in sorted key order with blank lines, tokenized once
+(no special tokens).
+
+Causal LMs: perplexity over the first 16 windows of 512 tokens (each window scored on its 511 next-token
+predictions). Calibration windows come from the end of the token stream and never overlap evaluation.
+
+Encoders: sentences from the start of the text are held out for evaluation; the score is the mean cosine
+similarity between pooled (attention-masked mean) sentence embeddings of the artifact and of the
+uncompressed model. Calibration sentences come from the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+EVAL_WINDOWS = 16
+WINDOW = 512
+EVAL_SENTENCES = 256
+SENTENCE_MAX_TOKENS = 128
+
+# forward(*inputs) -> logits [B, S, V] (causal) or last hidden state [B, S, H] (encoder)
+Forward = Callable[..., Any]
+
+
+class CalibrationError(ValueError):
+    """Asked for more calibration data than the text holds without overlapping evaluation."""
+
+
+def corpus_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@functools.lru_cache(maxsize=4)
+def token_stream(tokenizer: Any) -> torch.Tensor:
+    """The whole corpus as one stream of token ids [T] (cached per tokenizer)."""
+    ids = tokenizer(corpus_text(), add_special_tokens=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).flatten()
+
+
+def eval_windows(ids: torch.Tensor, n: int = EVAL_WINDOWS, length: int = WINDOW) -> torch.Tensor:
+    """The first ``n`` windows: [n, length]."""
+    if ids.numel() < n * length:
+        raise CalibrationError(f"the text has {ids.numel()} tokens, fewer than {n} windows of {length}")
+    return ids[: n * length].view(n, length)
+
+
+def calibration_windows(ids: torch.Tensor, n: int, length: int = WINDOW) -> torch.Tensor:
+    """``n`` windows taken from the end of the stream: [n, length]; never overlaps the evaluation windows."""
+    available = (ids.numel() - EVAL_WINDOWS * WINDOW) // length
+    if n < 1 or n > available:
+        raise CalibrationError(
+            f"asked for {n} calibration windows of {length} tokens, but only {available} fit after the "
+            f"{EVAL_WINDOWS} evaluation windows in {ids.numel()} tokens: ask for fewer or shorter windows"
+        )
+    return ids[ids.numel() - n * length :].view(n, length)
+
+
+def perplexity(forward: Forward, windows: torch.Tensor, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over all windows; ``forward(ids [1, L])`` returns logits [1, L, V]."""
+    nll, count = 0.0, 0
+    rows: Sequence[torch.Tensor] = windows
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(windows, desc="perplexity", unit="window")
+    for w in rows:
+        logits = torch.as_tensor(np.asarray(forward(w[None]))).float()
+        nll += torch.nn.functional.cross_entropy(logits[0, :-1], w[1:], reduction="sum").item()
+        count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+def sentences(n: int = EVAL_SENTENCES, from_end: bool = False) -> list[str]:
+    """Sentences of 30..400 characters, in text order, from the start (evaluation) or the end (calibration)."""
+    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", corpus_text())]
+    good = [" ".join(s.split()) for s in parts if 30 <= len(s) <= 400]
+    return good[-n:][::-1] if from_end else good[:n]
+
+
+def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 32) -> torch.Tensor:
+    """Attention-masked mean pooling of the last hidden state, L2-normalized: [len(texts), H]."""
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True,
+                        max_length=SENTENCE_MAX_TOKENS, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        hidden = torch.as_tensor(np.asarray(forward(ids, mask))).float()
+        m = mask[..., None].float()
+        out.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
+    return torch.cat(out)
+
+
+def cosine_similarity(forward: Forward, reference: Forward, tokenizer: Any) -> dict[str, float]:
+    texts = sentences()
+    a = pooled_embeddings(forward, tokenizer, texts)
+    b = pooled_embeddings(reference, tokenizer, texts)
+    cos = (a * b).sum(-1)
+    return {"mean": cos.mean().item(), "min": cos.min().item()}
+
+
+@dataclass
+class Evaluation:
+    metric: str  # "perplexity" or "cosine"
+    value: float
+    details: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.value, **self.details}
+
+
+def evaluate(kind: str, forward: Forward, tokenizer: Any, reference: Forward | None = None,
+             progress: bool = False) -> Evaluation:
+    """Run the protocol for ``kind`` ("causal-lm" or "encoder")."""
+    if kind == "causal-lm":
+        windows = eval_windows(token_stream(tokenizer))
+        ppl = perplexity(forward, windows, progress=progress)
+        return Evaluation("perplexity", ppl, {"windows": len(windows), "window": windows.shape[1]})
+    if kind == "encoder":
+        if reference is None:
+            raise ValueError("encoder evaluation needs the uncompressed model as reference")
+        cos = cosine_similarity(forward, reference, tokenizer)
+        return Evaluation("cosine", cos["mean"], {"min": cos["min"], "sentences": EVAL_SENTENCES})
+    raise ValueError(f"no evaluation protocol for model kind {kind!r} (expected causal-lm or encoder)")
+
+
+def torch_forward(module: Callable[..., Any], kind: str) -> Forward:
+    """Adapt a Hugging Face model or a captured program to ``forward(*inputs) -> tensor``."""
+
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if isinstance(module, torch.nn.Module) and not isinstance(module, torch.fx.GraphModule):
+                names = ("input_ids", "attention_mask")
+                kwargs = dict(zip(names, inputs, strict=False))
+                if kind == "causal-lm":
+                    return module(**kwargs, use_cache=False).logits
+                return module(**kwargs).last_hidden_state
+            return module(*inputs)
+
+    return forward

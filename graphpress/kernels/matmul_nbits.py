@@ -1,0 +1,61 @@
+"""``graphpress::matmul_nbits``: y = x @ dequant(B)^T (+ bias), weights in onnxruntime's MatMulNBits layout.
+
+The quantized weight is stored once, packed, in exactly the layout of ``com.microsoft::MatMulNBits``, so the
+program's bytes are the artifact's bytes and the lowering is one node:
+
+    x:      [..., K] float
+    qweight [N, k_blocks, block_size * bits / 8] uint8   codes, 4-bit: two per byte, low nibble = even index
+    scales  [N, k_blocks] float
+    zeros   [N, ceil(k_blocks * bits / 8)] uint8        zero points, 4-bit packed like the codes
+    bias    [N] float or None
+    w[n, k] = (code[n, k] - zero[n, k // block_size]) * scale[n, k // block_size]   for k < K
+
+K may be smaller than k_blocks * block_size: the padded columns never meet x. This file holds the reference
+(pure PyTorch) implementation; faster kernels register as other backends of the same op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """uint8 [..., count * bits / 8] -> uint8 [..., count] (4-bit: low nibble first)."""
+    if bits == 8:
+        return packed[..., :count]
+    if bits == 4:
+        low, high = packed & 0x0F, packed >> 4
+        return torch.stack((low, high), dim=-1).flatten(-2)[..., :count]
+    raise ValueError(f"matmul_nbits supports 4 or 8 bits, not {bits}")
+
+
+def dequantize_nbits(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, K: int, bits: int, block_size: int
+) -> torch.Tensor:
+    """The float weight [N, K] that the packed tensors stand for."""
+    N, k_blocks, _ = qweight.shape
+    codes = unpack_codes(qweight, bits, block_size).float()  # [N, k_blocks, block_size]
+    zp = unpack_codes(zeros, bits, k_blocks).float()  # [N, k_blocks]
+    w = (codes - zp[..., None]) * scales.view(N, k_blocks, 1).float()
+    return w.reshape(N, k_blocks * block_size)[:, :K]
+
+
+@torch.library.custom_op("graphpress::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+) -> torch.Tensor:
+    w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@matmul_nbits.register_fake
+def _(x, qweight, scales, zeros, bias, K, N, bits, block_size):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], N))

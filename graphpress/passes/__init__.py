@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.fold_batchnorm import FoldBatchNorm
+from graphpress.passes.fold_norms import FoldNormScales
+from graphpress.passes.merge_siblings import MergeSiblingLinears
+from graphpress.passes.remove_noops import RemoveNoops
 
-PASSES: dict[str, type[Pass]] = {}
+PASSES: dict[str, type[Pass]] = {
+    "remove_noops": RemoveNoops,
+    "fold_batchnorm": FoldBatchNorm,
+    "fold_norm_scales": FoldNormScales,
+    "merge_sibling_linears": MergeSiblingLinears,
+}
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection"]

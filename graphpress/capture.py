@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import logging
 import os
 import traceback
@@ -64,10 +65,12 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        with _module_tracker(model) as active:
+        # torch.export prints the partial graph of a failed trace to stderr: keep it for --verbose only
+        with _module_tracker(model) as active, contextlib.redirect_stderr(io.StringIO()) as err:
             try:
                 ep = torch.export.export(view, inputs, dynamic_shapes=shapes, strict=False)
             except Exception as e:  # torch.export raises many types; all become one actionable error
+                log.debug("torch.export of %s failed; partial graph:\n%s", name, err.getvalue())
                 raise CaptureError(_explain(name, e, active)) from e
     finally:
         model.train(was_training)

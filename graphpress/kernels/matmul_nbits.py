@@ -6,7 +6,8 @@ program's bytes are the artifact's bytes and the lowering is one node:
     x:      [..., K] float
     qweight [N, k_blocks, block_size * bits / 8] uint8   codes, 4-bit: two per byte, low nibble = even index
     scales  [N, k_blocks] float
-    zeros   [N, ceil(k_blocks * bits / 8)] uint8        zero points, 4-bit packed like the codes
+    zeros   [N, ceil(k_blocks * bits / 8)] uint8 or None zero points, 4-bit packed like the codes;
+                                                        None: 2^(bits-1) (symmetric)
     bias    [N] float or None
     w[n, k] = (code[n, k] - zero[n, k // block_size]) * scale[n, k // block_size]   for k < K
 
@@ -30,12 +31,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def dequantize_nbits(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, K: int, bits: int, block_size: int
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, K: int, bits: int, block_size: int
 ) -> torch.Tensor:
     """The float weight [N, K] that the packed tensors stand for."""
     N, k_blocks, _ = qweight.shape
     codes = unpack_codes(qweight, bits, block_size).float()  # [N, k_blocks, block_size]
-    zp = unpack_codes(zeros, bits, k_blocks).float()  # [N, k_blocks]
+    if zeros is None:
+        zp = torch.full((N, k_blocks), float(1 << (bits - 1)), device=qweight.device)
+    else:
+        zp = unpack_codes(zeros, bits, k_blocks).float()  # [N, k_blocks]
     w = (codes - zp[..., None]) * scales.view(N, k_blocks, 1).float()
     return w.reshape(N, k_blocks * block_size)[:, :K]
 
@@ -44,7 +48,7 @@ def matmul_nbits_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor,
+    zeros: torch.Tensor | None,
     bias: torch.Tensor | None,
     K: int,
     N: int,

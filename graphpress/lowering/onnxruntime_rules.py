@@ -22,9 +22,11 @@ MS = "com.microsoft"
 
 def _matmul_nbits_rule(accuracy_level: int) -> Callable[..., torch.Tensor]:
     def lower(x, qweight, scales, zeros, bias, K, N, bits, block_size):  # noqa: ANN001, ANN202
-        inputs = [x, qweight, scales.flatten(), zeros.flatten()]
+        inputs = [x, qweight, scales, None if zeros is None else zeros]
         if bias is not None:
             inputs += [None, bias]  # g_idx (unused) sits between zero_points and bias
+        while inputs[-1] is None:
+            inputs.pop()
         return torch.onnx.ops.symbolic(
             f"{MS}::MatMulNBits",
             inputs,

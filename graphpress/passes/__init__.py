@@ -7,12 +7,14 @@ from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.remove_noops import RemoveNoops
+from graphpress.passes.weight_only import QuantizeRTN
 
 PASSES: dict[str, type[Pass]] = {
     "remove_noops": RemoveNoops,
     "fold_batchnorm": FoldBatchNorm,
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,
+    "rtn": QuantizeRTN,
 }
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection"]

@@ -1,0 +1,105 @@
+"""Weight-only quantization: linear -> graphpress::matmul_nbits, weights rounded to nearest (RTN).
+
+    linear(x, W [N, K], b)  =>  matmul_nbits(x, B, scales, zeros, b, K, N, bits, block)
+    with  W ~ (codes - zero) * scale  per group of ``group_size`` input columns (or per output channel)
+
+The packed tensors are stored in onnxruntime's MatMulNBits layout (see graphpress.quant.pack), so the program
+holds only the integers; the float weight is dropped. K that the group size does not divide is padded.
+``replace_linear`` is the surgery every weight-only algorithm (RTN, GPTQ, AWQ + RTN) ends with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
+from graphpress.graph import aliases, cleanup, get_tensor, is_op, module_name, new_get_attr
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.quant.pack import pack_matmulnbits
+from graphpress.quant.qweight import QuantizedWeight, QuantSpec
+from graphpress.quant.rtn import quantize_rtn
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(Selection, Pass):
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tuple[list[fx.Node], dict[str, str]]:
+    """Float linears whose module name ``cfg`` selects; (nodes, skipped {module: reason}).
+
+    Refuses a selection that matches no linear at all, since that is always a mistake in a recipe.
+    """
+    names = aliases(gm)
+    nodes, skipped, matched = [], {}, 0
+    for node in gm.graph.nodes:
+        if not is_op(node, aten.linear.default) or get_tensor(gm, node.args[1]) is None:
+            continue
+        module = module_name(node.args[1].target)
+        if not cfg.selects(module):
+            continue
+        matched += 1
+        tied = [n for n in names.get(node.args[1].target, []) if n != node.args[1].target]
+        if tied:
+            skipped[module] = f"weight is tied to {tied[0]}; quantize it with quantize_embedding"
+            continue
+        nodes.append(node)
+    if not matched:
+        raise PassError(
+            f"{pass_name}: targets {list(cfg.targets)} (ignore {list(cfg.ignore)}) match no linear layer; "
+            "module names look like 'model.layers.0.self_attn.q_proj'"
+        )
+    return nodes, skipped
+
+
+def replace_linear(gm: fx.GraphModule, node: fx.Node, q: QuantizedWeight, block_size: int | None = None) -> fx.Node:
+    """Swap one linear for matmul_nbits on the packed ``q``; the float weight is left for cleanup()."""
+    packed = pack_matmulnbits(q, block_size)
+    prefix = module_name(node.args[1].target)
+    x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
+    qweight = new_get_attr(gm, f"{prefix}.qweight", torch.from_numpy(packed.B), node)
+    scales = new_get_attr(gm, f"{prefix}.scales", torch.from_numpy(packed.scales), node)
+    zeros = (new_get_attr(gm, f"{prefix}.qzeros", torch.from_numpy(packed.zero_points), node)
+             if packed.zero_points is not None else None)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(
+            torch.ops.graphpress.matmul_nbits.default,
+            (x, qweight, scales, zeros, bias, packed.K, packed.N, packed.bits, packed.block_size),
+        )
+    new.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+@dataclass(frozen=True)
+class QuantizeRTN(WeightOnlyConfig):
+    """Round-to-nearest weight-only quantization with a clipping search per group."""
+
+    name: ClassVar[str] = "rtn"
+    exact: ClassVar[bool] = False
+    clip_search: bool = True
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        nodes, skipped = selected_linears(gm, self, self.name)
+        for node in nodes:
+            w = get_tensor(gm, node.args[1]).detach().float()
+            replace_linear(gm, node, quantize_rtn(w, self.spec, clip_search=self.clip_search))
+        cleanup(gm)
+        return PassResult(gm, bool(nodes), {"quantized": len(nodes), "skipped": skipped})

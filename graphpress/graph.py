@@ -27,8 +27,11 @@ def _resolve(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(mod, leaf)
 
 
-def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Create or replace the parameter (or buffer) at ``target``, creating parent modules as needed."""
+def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = False) -> None:
+    """Create or replace the parameter (or buffer) at ``target``, creating parent modules as needed.
+
+    ``buffer``: store a new tensor as a buffer (integer codes, quantization scales), not a parameter.
+    """
     *path, leaf = target.split(".")
     mod: nn.Module = gm
     for part in path:
@@ -40,7 +43,10 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         return
     if hasattr(mod, leaf):
         delattr(mod, leaf)
-    mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
+    if buffer:
+        mod.register_buffer(leaf, value.detach())
+    else:
+        mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
 
 
 def delete_tensor(gm: fx.GraphModule, target: str) -> None:
@@ -73,8 +79,9 @@ def is_shared(gm: fx.GraphModule, weight: fx.Node) -> bool:
     return len(names) > 1 or len(uses) > 1 or len(weight.users) > 1
 
 
-def new_get_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    set_tensor(gm, target, value)
+def new_get_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, before: fx.Node,
+                 buffer: bool = False) -> fx.Node:
+    set_tensor(gm, target, value, buffer)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(target)
     node.meta["val"] = value
@@ -82,7 +89,10 @@ def new_get_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, before: f
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop dead nodes and the parameters no get_attr reads any more; lint and recompile."""
+    """Drop dead nodes and the parameters no get_attr reads any more; lint and recompile.
+
+    Buffers stay: a captured model may keep ones its graph never reads (rotary ``original_inv_freq``).
+    """
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)):

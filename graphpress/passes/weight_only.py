@@ -73,9 +73,9 @@ def replace_linear(gm: fx.GraphModule, node: fx.Node, q: QuantizedWeight, block_
     packed = pack_matmulnbits(q, block_size)
     prefix = module_name(node.args[1].target)
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
-    qweight = new_get_attr(gm, f"{prefix}.qweight", torch.from_numpy(packed.B), node)
-    scales = new_get_attr(gm, f"{prefix}.scales", torch.from_numpy(packed.scales), node)
-    zeros = (new_get_attr(gm, f"{prefix}.qzeros", torch.from_numpy(packed.zero_points), node)
+    qweight = new_get_attr(gm, f"{prefix}.qweight", torch.from_numpy(packed.B), node, buffer=True)
+    scales = new_get_attr(gm, f"{prefix}.scales", torch.from_numpy(packed.scales), node, buffer=True)
+    zeros = (new_get_attr(gm, f"{prefix}.qzeros", torch.from_numpy(packed.zero_points), node, buffer=True)
              if packed.zero_points is not None else None)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(

@@ -91,8 +91,9 @@ def calibration_batches(src: Source, recipe: Recipe) -> list[tuple[torch.Tensor,
         return []
     if src.kind == "causal-lm":
         n, length = recipe.calibration.get("windows", 64), recipe.calibration.get("length", ev.WINDOW)
+        batch = recipe.calibration.get("batch", 8)  # windows per forward: fewer, larger matmuls
         windows = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length)
-        return [(w[None],) for w in windows]
+        return [(chunk,) for chunk in windows.split(batch)]
     if src.kind == "encoder":
         texts = ev.sentences(recipe.calibration.get("sentences", 256), from_end=True)
         out = []

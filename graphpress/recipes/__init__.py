@@ -8,7 +8,7 @@
         bits: 4
         group_size: 128
         targets: ['model\\.layers\\.']
-    calibration: {windows: 64, length: 512}   # optional; for passes that run the model
+    calibration: {windows: 64, length: 512, batch: 8}   # optional; for passes that run the model
     lowering: {accuracy_level: 4}             # optional; options of the onnxruntime rule table
 
 Named recipes are the YAML files beside this module; ``load_recipe`` also takes a path to a YAML file.

@@ -124,3 +124,19 @@ def test_compress_and_eval_tiny_llama(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["runtime"] == "onnxruntime"
     assert result["value"] == pytest.approx(ev["after_onnx"]["value"], rel=1e-6)
+
+
+def test_calibration_longer_than_text_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "greedy.yaml"
+    recipe.write_text("passes:\n  - pass: gptq\n    bits: 4\ncalibration: {windows: 100000, length: 512}\n")
+    _fails(["compress", "tiny-llama", "--recipe", str(recipe), "--out", str(tmp_path / "out")], capsys,
+           "asked for 100000 calibration windows")
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_bad_pass_option_in_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "bits.yaml"
+    recipe.write_text("passes:\n  - pass: rtn\n    bits: 3\n")
+    _fails(["compress", "tiny-llama", "--recipe", str(recipe), "--out", str(tmp_path / "out")], capsys,
+           "bits=3 is not supported")

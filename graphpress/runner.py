@@ -97,7 +97,8 @@ def run_pipeline(
             stats=result.stats,
         )
         records.append(record)
-        log.info("%s: %.2fs, modified=%s, %s", p.name, seconds, result.modified, result.stats)
+        brief = {k: (len(v) if isinstance(v, dict) else v) for k, v in result.stats.items()}
+        log.info("%s: %.2fs, modified=%s, %s", p.name, seconds, result.modified, brief)
         if not verify:
             continue
         try:

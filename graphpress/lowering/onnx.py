@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
 from graphpress.lowering.rules import RuleTable, apply_rules
@@ -78,7 +79,7 @@ def export_onnx(
             f"cannot export {program.name} to ONNX: {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
             "An op without an ONNX translation needs a rule in graphpress.lowering (see rules.py)."
         ) from e
-    model = exported.model_proto
+    model = compact(exported.model_proto)
     for key, value in {"model": program.name, "kind": program.kind, **(metadata or {})}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, str(value)
@@ -98,6 +99,37 @@ def export_onnx(
                 f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
             )
     return result
+
+
+def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
+    """Shrink the file without changing a single output bit.
+
+    - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM);
+    - store float32 initializers whose every value is exactly a float16 (quantization scales, which the
+      quantizers round so) as float16 plus a Cast, which onnxruntime folds back at session start.
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        a = numpy_helper.to_array(init)
+        if a.size < min_elements:
+            continue
+        half = a.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), a):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}.fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}.fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                           name=f"{name}.cast"))
+    if casts:
+        nodes = casts + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
 
 
 def ort_session(path: str | os.PathLike[str], threads: int = 0) -> Any:

@@ -10,6 +10,7 @@ holds only the integers; the float weight is dropped. K that the group size does
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -68,9 +69,16 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tupl
     return nodes, skipped
 
 
+def fp16_scales(q: QuantizedWeight) -> QuantizedWeight:
+    """Scales rounded to float16 values (kept as float32): the ONNX file then stores them in half the bytes
+    (graphpress.lowering.onnx.compact) while the program stays bit-identical to the file. The rounding moves
+    a weight by at most 2^-11 of its value, far below the quantization step."""
+    return dataclasses.replace(q, scales=q.scales.half().float())
+
+
 def replace_linear(gm: fx.GraphModule, node: fx.Node, q: QuantizedWeight, block_size: int | None = None) -> fx.Node:
     """Swap one linear for matmul_nbits on the packed ``q``; the float weight is left for cleanup()."""
-    packed = pack_matmulnbits(q, block_size)
+    packed = pack_matmulnbits(fp16_scales(q), block_size)
     prefix = module_name(node.args[1].target)
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
     qweight = new_get_attr(gm, f"{prefix}.qweight", torch.from_numpy(packed.B), node, buffer=True)

@@ -36,7 +36,7 @@ class GPTQ(WeightOnlyConfig):
     damp: float = 0.01
     block_size: int = 128  # columns updated together (lazy batch), not the quantization group
     act_order: bool = False
-    clip_search: bool = True
+    clip_search: bool = False  # weight-error range search per group; see QuantizeRTN
 
     def __post_init__(self) -> None:
         super().__post_init__()

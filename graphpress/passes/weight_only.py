@@ -102,7 +102,9 @@ class QuantizeRTN(WeightOnlyConfig):
 
     name: ClassVar[str] = "rtn"
     exact: ClassVar[bool] = False
-    clip_search: bool = True
+    # off by default: shrinking ranges to cut the weight error clips the outliers that matter most
+    # (SmolLM2-135M int4 g128, 8 windows: 21.69 with the search, 20.11 without; fp32 14.70)
+    clip_search: bool = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         nodes, skipped = selected_linears(gm, self, self.name)

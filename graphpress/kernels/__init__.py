@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import torch
 
+from graphpress.kernels.gather_nbits import gather_nbits_reference
 from graphpress.kernels.matmul_nbits import matmul_nbits_reference
 
 REFERENCES: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.graphpress.matmul_nbits.default: matmul_nbits_reference,
+    torch.ops.graphpress.gather_nbits.default: gather_nbits_reference,
 }

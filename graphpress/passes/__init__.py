@@ -6,6 +6,7 @@ from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Sel
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.merge_siblings import MergeSiblingLinears
+from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
 from graphpress.passes.weight_only import QuantizeRTN
 
@@ -15,6 +16,7 @@ PASSES: dict[str, type[Pass]] = {
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,
     "rtn": QuantizeRTN,
+    "quantize_embedding": QuantizeEmbedding,
 }
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection"]

@@ -104,13 +104,15 @@ def export_onnx(
 def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
     """Shrink the file without changing a single output bit.
 
-    - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM);
+    - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM) and the
+      intermediate value_info;
     - store float32 initializers whose every value is exactly a float16 (quantization scales, which the
       quantizers round so) as float16 plus a Cast, which onnxruntime folds back at session start.
     """
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+    del model.graph.value_info[:]  # intermediate shape annotations: onnxruntime infers its own
     casts = []
     for init in model.graph.initializer:
         if init.data_type != onnx.TensorProto.FLOAT or init.data_location == onnx.TensorProto.EXTERNAL:

@@ -46,9 +46,14 @@ def hessian_accumulate(
     return H, n
 
 
-def _params(w: torch.Tensor, spec: QuantSpec, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, c] (one group's real columns) -> scale, zero [N]."""
-    s, z = search_qparams(w[:, None, :], spec, grid=20 if clip_search else 0)
+def _params(w: torch.Tensor, spec: QuantSpec, clip_search: bool, gram: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, c] (one group's real columns) -> scale, zero [N].
+
+    gram [c, c] (the group's block of H) makes the range search minimize the output error of the group
+    rather than its weight error."""
+    s, z = search_qparams(w[:, None, :], spec, grid=20 if clip_search else 0,
+                          gram=None if gram is None else gram[None].float())
     return s[:, 0], z[:, 0]
 
 
@@ -84,7 +89,8 @@ def gptq_quantize(
     """GPTQ-quantize w [N, K] given the Hessian H [K, K] of its input (see hessian_accumulate).
 
     static_groups=None means: static exactly when act_order is on (required then for grouped specs).
-    clip_search applies rtn's weight-error range search to each group's parameters.
+    clip_search searches each group's range; for static groups the search minimizes the group's output error
+    under H (its diagonal block), for dynamic ones the weight error.
     """
     check_weight(w, "gptq_quantize")
     n, k = w.shape
@@ -113,7 +119,8 @@ def gptq_quantize(
     zeros = torch.empty(n_groups, n, device=dev)
     if static or not grouped:
         for j in range(n_groups):
-            scales[j], zeros[j] = _params(Wt[j * g : (j + 1) * g].T, spec, clip_search)
+            block = slice(j * g, (j + 1) * g)
+            scales[j], zeros[j] = _params(Wt[block].T, spec, clip_search, H[block, block])
     grp = torch.arange(k, device=dev) // g  # [K] group of each column, in visiting order below
 
     perm = None

@@ -8,6 +8,8 @@ from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
+from graphpress.passes.smooth import AWQ, SmoothQuant
+from graphpress.passes.w8a8 import W8A8
 from graphpress.passes.weight_only import QuantizeRTN
 
 PASSES: dict[str, type[Pass]] = {
@@ -16,6 +18,9 @@ PASSES: dict[str, type[Pass]] = {
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,
     "rtn": QuantizeRTN,
+    "awq": AWQ,
+    "smoothquant": SmoothQuant,
+    "w8a8": W8A8,
     "quantize_embedding": QuantizeEmbedding,
 }
 

@@ -98,14 +98,26 @@ class BlockStream:
             self.parts.append(Part(index, names[index], module, tensors))
         self.batches = batches
 
-    def run(self, on_part: Callable[[Part, Callable[[Observer | None], list[Any]]], None]) -> None:
+    def run(self, on_part: Callable[[Part, Callable[[Observer | None], list[Any]]], None],
+            weights: set[str] | None = None) -> None:
         """Stream every batch through the parts in order.
 
         ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe)`` runs the
         part over all batches (calling ``observe`` on linear inputs) and returns its outputs. ``on_part`` may
         call ``forward`` several times (observe, rewrite weights, run again); the outputs of the last call
         flow on. If it never calls it, the stream runs the part once itself.
+
+        ``weights``: the program weights the caller works on. The stream stops after the last part that reads
+        one of them, and the outputs of the part it stops at are not kept: the head of an LLM (logits of
+        [batch, seq, vocab] per batch, gigabytes) is never computed unless a weight there is wanted.
         """
+        last = len(self.parts) - 1
+        if weights is not None:
+            wanted = [i for i, p in enumerate(self.parts) if any(t in weights for _, t in linear_weights(p))]
+            if not wanted:
+                return
+            last = max(wanted)
+        stop = f"submod_{self.parts[last].index}"
         graph = self.split.graph
         last_use: dict[fx.Node, fx.Node] = {}
         for node in graph.nodes:
@@ -126,13 +138,20 @@ class BlockStream:
                 args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
                 results: list[list[Any]] = []
 
+                keep = weights is None or node.target != stop
+
                 def forward(observe: Observer | None, _part: Part = part, _args: list = args,
-                            _results: list = results) -> list[Any]:
-                    out = [_run(_part, [a[i] for a in _args], observe) for i in range(len(self.batches))]
+                            _results: list = results, _keep: bool = keep) -> list[Any]:
+                    out = []
+                    for i in range(len(self.batches)):
+                        y = _run(_part, [a[i] for a in _args], observe)
+                        out.append(y if _keep else None)
                     _results.append(out)
                     return out
 
                 on_part(part, forward)
+                if not keep:
+                    return
                 env[node] = results[-1] if results else forward(None)
             elif node.op == "call_function":  # getitem over a part's tuple of outputs
                 args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]

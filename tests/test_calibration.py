@@ -47,3 +47,18 @@ def test_rewriting_a_block_in_place_reaches_later_parts() -> None:
 def test_refuses_model_without_blocks() -> None:
     with pytest.raises(ValueError, match="no repeated blocks"):
         BlockStream(capture_tiny("convnet").gm, [capture_tiny("convnet").example_inputs])
+
+
+def test_stream_stops_after_the_last_wanted_part_and_drops_its_outputs() -> None:
+    program = capture_tiny("llama")
+    stream = BlockStream(program.gm, [program.example_inputs])
+    seen: list[str] = []
+    outputs: dict[str, list] = {}
+
+    def on_part(part, forward) -> None:  # noqa: ANN001
+        seen.append(part.name)
+        outputs[part.name] = forward(None)
+
+    stream.run(on_part, weights={"model.layers.0.mlp.down_proj.weight"})
+    assert seen == ["prefix", "model.layers.0"]  # layer 1 and the head (logits) never run
+    assert outputs["model.layers.0"] == [None]

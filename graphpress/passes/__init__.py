@@ -5,6 +5,7 @@ from __future__ import annotations
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
+from graphpress.passes.gptq import GPTQ
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
@@ -21,6 +22,7 @@ PASSES: dict[str, type[Pass]] = {
     "awq": AWQ,
     "smoothquant": SmoothQuant,
     "w8a8": W8A8,
+    "gptq": GPTQ,
     "quantize_embedding": QuantizeEmbedding,
 }
 

@@ -65,7 +65,7 @@ class GPTQ(WeightOnlyConfig):
                     w.copy_(q.dequantize().to(w.dtype))
             log.info("gptq: %s (%d linears)", part.name, len(targets))
 
-        BlockStream(gm, ctx.calibration).run(on_part)
+        BlockStream(gm, ctx.calibration).run(on_part, weights=wanted)
         for node in nodes:
             target = node.args[1].target
             if target not in quantized:  # a linear outside the streamed parts: no Hessian was seen

@@ -233,7 +233,8 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
             linears += len(group)
         log.info("%s: %s (%d groups)", name, part.name, len(leads))
 
-    BlockStream(gm, ctx.calibration).run(on_part)
+    wanted = {lin.args[1].target for group in members.values() for lin in group}
+    BlockStream(gm, ctx.calibration).run(on_part, weights=wanted)
     for group in members.values():  # groups outside the streamed parts: nothing observed
         for lin in group:
             skipped[graph.module_name(lin.args[1].target)] = "not reached by the calibration stream"

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
-from graphpress.graph import aliases, cleanup, get_tensor, is_op, module_name, new_get_attr
+from graphpress.graph import aliases, cleanup, get_tensor, is_op, is_shared, module_name, new_get_attr
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.quant.pack import pack_matmulnbits
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
@@ -57,8 +57,10 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tupl
             continue
         matched += 1
         tied = [n for n in names.get(node.args[1].target, []) if n != node.args[1].target]
-        if tied:
-            skipped[module] = f"weight is tied to {tied[0]}; quantize it with quantize_embedding"
+        if tied or is_shared(gm, node.args[1]):
+            # an unread alias may have been dropped by cleanup(): a second reader also means tied
+            other = tied[0] if tied else "another node (e.g. the embedding)"
+            skipped[module] = f"weight is shared with {other}; quantize it with quantize_embedding"
             continue
         nodes.append(node)
     if not matched:

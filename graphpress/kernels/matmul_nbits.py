@@ -10,6 +10,9 @@ program's bytes are the artifact's bytes and the lowering is one node:
                                                         None: 2^(bits-1) (symmetric)
     bias    [N] float or None
     w[n, k] = (code[n, k] - zero[n, k // block_size]) * scale[n, k // block_size]   for k < K
+    accuracy_level 0: x stays float. 4: x is quantized per row and block of ``block_size`` along K to
+    symmetric int8 (scale = amax / 127, round half to even), as onnxruntime's int8 kernels do, so the
+    program computes what the artifact computes.
 
 K may be smaller than k_blocks * block_size: the padded columns never meet x. This file holds the reference
 (pure PyTorch) implementation; faster kernels register as other backends of the same op.
@@ -44,6 +47,17 @@ def dequantize_nbits(
     return w.reshape(N, k_blocks * block_size)[:, :K]
 
 
+def quantize_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x [..., K] fake-quantized to int8 per row and block of K: what MatMulNBits accuracy_level 4 sees."""
+    K = x.shape[-1]
+    k_blocks = -(-K // block_size)
+    xb = torch.nn.functional.pad(x.float(), (0, k_blocks * block_size - K)).unflatten(-1, (k_blocks, block_size))
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv) * (amax / 127.0)
+    return q.flatten(-2)[..., :K].to(x.dtype)
+
+
 def matmul_nbits_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -54,8 +68,11 @@ def matmul_nbits_reference(
     N: int,
     bits: int,
     block_size: int,
+    accuracy_level: int = 0,
 ) -> torch.Tensor:
     w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size).to(x.dtype)
+    if accuracy_level == 4:
+        x = quantize_activations(x, block_size)
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -63,5 +80,5 @@ matmul_nbits = torch.library.custom_op("graphpress::matmul_nbits", matmul_nbits_
 
 
 @matmul_nbits.register_fake
-def _(x, qweight, scales, zeros, bias, K, N, bits, block_size):  # noqa: ANN001, ANN202
+def _(x, qweight, scales, zeros, bias, K, N, bits, block_size, accuracy_level=0):  # noqa: ANN001, ANN202
     return x.new_empty((*x.shape[:-1], N))

@@ -87,6 +87,8 @@ class QuantizeEmbedding(Selection, Pass):
     clip_search: bool = True
     # quantize a linear that reads the same storage (tied lm_head) on the shared packed table
     tie_output: bool = True
+    # compute precision of that tied linear (MatMulNBits): 4 = int8 activations per block, 0 = float
+    accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,7 +193,7 @@ class QuantizeEmbedding(Selection, Pass):
         for node in t.linears if self.tie_output else []:
             bias = node.args[2] if len(node.args) > 2 else None
             _replace(gm, node, torch.ops.graphpress.matmul_nbits.default,
-                     (node.args[0], B, scales, zeros, bias, h, v, self.bits, block))
+                     (node.args[0], B, scales, zeros, bias, h, v, self.bits, block, self.accuracy_level))
         return sum(x.numel() * x.element_size() for x in tensors.values())
 
 

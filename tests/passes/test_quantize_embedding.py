@@ -50,8 +50,9 @@ def _float_tables(program: Program, v: int, h: int) -> list[str]:
 
 
 def _export(program: Program, path) -> onnx.ModelProto:  # noqa: ANN001
-    result = export_onnx(program, path, rules=onnxruntime_rules(accuracy_level=0), tolerance=1e-5)
-    assert result.check["max_rel"] < 1e-5
+    # the tied head carries accuracy_level 4 (int8 activations), which its torch reference emulates
+    result = export_onnx(program, path, rules=onnxruntime_rules())
+    assert result.check["sqnr_db"] > 50, result.check
     return onnx.load(str(path))
 
 

@@ -100,10 +100,11 @@ def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
     return y + bias if bias is not None else y
 
 
-# export-check floors when an override makes onnxruntime compute otherwise than the torch reference: level 4
-# quantizes activations to int8 per block (a 4-bit SmolLM2 measured 28.8 dB against a float reference); a
-# wrong layout measures near 0 dB. Without an override the reference emulates the node's own level: 40 dB
-# leaves room for int8 rounding ties that fall differently in float.
+# export-check floors (SQNR of the whole model's output, onnxruntime against the torch program). With int8
+# activations (accuracy level 4, matmul_w8a8) the reference emulates the rounding, but one tie that falls the
+# other way in float changes a code and the difference spreads through attention: a 4-bit SmolLM2 measured
+# 28 dB, W8A8 31 dB, a tiny llama 60 dB. A wrong layout measures near 0 dB. Programs with no lowered op are
+# held to 60 dB by export_onnx whatever the table says.
 CHECK_SQNR_DB = {0: 60.0, 1: 60.0, 2: 40.0, 3: 30.0, 4: 20.0}
 
 
@@ -116,4 +117,4 @@ def onnxruntime_rules(accuracy_level: int | None = None) -> RuleTable:
         Rule(torch.ops.graphpress.matmul_nbits.default, _matmul_nbits_rule(accuracy_level)),
         Rule(torch.ops.graphpress.gather_nbits.default, _gather_nbits_rule),
         Rule(torch.ops.graphpress.matmul_w8a8.default, _matmul_w8a8_rule),
-    ), check_sqnr_db=CHECK_SQNR_DB[accuracy_level] if accuracy_level is not None else 40.0)
+    ), check_sqnr_db=CHECK_SQNR_DB[accuracy_level] if accuracy_level is not None else 20.0)

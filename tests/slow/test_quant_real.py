@@ -1,4 +1,4 @@
-"""Slow tier: activation quantization on an embedded real model. Skipped with `-m "not slow"`.
+"""Slow tier: quantization on the embedded real models. Skipped with `-m "not slow"`.
 
 MiniLM-L6 through the w8a8-smoothquant recipe, scored in onnxruntime (the artifact) against the float model;
 about a minute on 2 cores. (SmolLM2 W8A8 perplexity, 15.09 in onnxruntime against 14.94 in fp32, is measured by hand:
@@ -30,6 +30,24 @@ def test_minilm_w8a8_smoothquant_keeps_cosine_099_in_onnxruntime(tmp_path: Path)
     assert stats["w8a8"]["quantized"] == 24  # 6 layers x (qkv merged, attention out, intermediate, output)
     assert stats["smoothquant"]["scaled_groups"] == 24
     exported = export_onnx(out, tmp_path / "model.onnx")
-    assert exported.lowered == {"graphpress.matmul_w8a8.default": 24}
+    assert exported.lowered["graphpress.matmul_w8a8.default"] == 24
+    assert exported.lowered["graphpress.gather_nbits.default"] == 3  # word, position, token-type tables
     result = ev.evaluate("encoder", ort_forward(exported.path), src.tokenizer, ev.torch_forward(src.model, "encoder"))
     assert result.value >= 0.99  # measured 0.9988
+
+
+def test_smollm2_w4_artifact_is_packed_and_small(tmp_path: Path) -> None:
+    import onnx
+
+    src = resolve_source("smollm2-135m")
+    recipe = load_recipe("w4-rtn")
+    program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
+    out, records = run_pipeline(program, recipe.passes)
+    assert {r.name: r.stats for r in records}["rtn"]["quantized"] == 120  # 30 x (qkv, o, gate_up, down)
+    exported = export_onnx(out, tmp_path / "model.onnx")  # checked against the torch program in onnxruntime
+    assert exported.lowered == {"graphpress.matmul_nbits.default": 121, "graphpress.gather_nbits.default": 1}
+    assert exported.bytes <= 90e6  # issue bar: the fp32 export is 538 MB
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    big_float = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                 and len(t.dims) == 2 and t.dims[0] * t.dims[1] > 576 * 576]
+    assert not big_float, big_float  # no float copy of any quantized weight

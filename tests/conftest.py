@@ -99,3 +99,15 @@ def capture_tiny(name: str) -> Program:
 @pytest.fixture(params=["llama", "bert", "convnet"])
 def tiny_program(request: pytest.FixtureRequest) -> Program:
     return capture_tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama() -> Program:
+    """The tiny llama (tied embedding and head), captured once per test module."""
+    return capture_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_untied() -> Program:
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    return capture(tiny_llama(tie=False), {"input_ids": ids}, name="tiny-llama-untied")

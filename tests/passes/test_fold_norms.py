@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -14,7 +13,7 @@ from graphpress.passes import PASSES
 from graphpress.passes.fold_norms import FoldNormScales, fold_scale_into_linear
 from graphpress.program import Program
 from graphpress.runner import run_pipeline
-from tests.conftest import capture_tiny, tiny_llama
+from tests.conftest import capture_tiny
 
 TIED = "lm_head weight is tied to model.embed_tokens.weight; folding would change the embedding"
 
@@ -46,17 +45,6 @@ def scale_muls(program: Program) -> list[torch.fx.Node]:
 def fold(program: Program) -> tuple[Program, dict]:
     out, records = run_pipeline(program, [FoldNormScales()], verify=True)
     return out, records[0].stats
-
-
-@pytest.fixture(scope="module")
-def llama() -> Program:
-    return capture_tiny("llama")
-
-
-@pytest.fixture(scope="module")
-def llama_untied() -> Program:
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    return capture(tiny_llama(tie=False), {"input_ids": ids}, name="tiny-llama-untied")
 
 
 def test_registered() -> None:

@@ -16,7 +16,7 @@ from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.merge_siblings import MergeSiblingLinears, concat_linears, merged_name
 from graphpress.program import Program
 from graphpress.runner import run_pipeline
-from tests.conftest import capture_tiny, tiny_llama
+from tests.conftest import capture_tiny
 
 
 def fresh_batch(program: Program) -> tuple[torch.Tensor, ...]:
@@ -47,17 +47,6 @@ def merge(program: Program, zero_bias: int = 0, **options: int) -> tuple[Program
     # the members' own copies are gone: only zero biases for bias-less members are new
     assert records[0].params_after == records[0].params_before + zero_bias
     return out, records[0].stats
-
-
-@pytest.fixture(scope="module")
-def llama() -> Program:
-    return capture_tiny("llama")
-
-
-@pytest.fixture(scope="module")
-def llama_untied() -> Program:
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    return capture(tiny_llama(tie=False), {"input_ids": ids}, name="tiny-llama-untied")
 
 
 def test_registered() -> None:

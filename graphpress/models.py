@@ -93,6 +93,7 @@ MODELS: dict[str, Callable[[torch.dtype], LoadedModel]] = {
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model by name (see MODELS) or from a local Hugging Face directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
     if name_or_path in MODELS:
         log.info("loading %s", name_or_path)
         return MODELS[name_or_path](dtype)
@@ -111,7 +112,6 @@ def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
 
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = AutoConfig.from_pretrained(path)
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel

@@ -6,6 +6,7 @@ failure never leaves a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -13,7 +14,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,8 @@ def compress(
     calibration = calibration_batches(src, rec)
     compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=calibration,
                                        progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        exported = export_onnx(compressed, Path(tmp) / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
+    with staged(out) as tmp:
+        exported = export_onnx(compressed, tmp / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
                                metadata={"source": src.source, "recipe": rec.name})
         report: dict[str, Any] = {
             "model": {"name": src.name, "source": src.source, "kind": src.kind},
@@ -155,12 +155,23 @@ def compress(
                 "after_onnx": evaluate_source(src, ort_forward(exported.path, threads), progress),
             }
         report["seconds"] = time.perf_counter() - start
-        (Path(tmp) / "report.json").write_text(json.dumps(clean_json(report), indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        Path(tmp).rename(out)
-        Path(tmp).mkdir()  # TemporaryDirectory removes its path on exit; leave it an empty one to remove
+        (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A scratch directory beside ``out`` that becomes ``out`` (a rename) only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
 
 
 def clean_json(x: Any) -> Any:

@@ -9,7 +9,6 @@ pass and the passes before it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -133,7 +132,3 @@ def _check_finite(out: torch.Tensor, where: str, done: list[str]) -> None:
 def _list(names: list[str]) -> str:
     return ", ".join(names) if names else "none"
 
-
-def finite(x: float) -> float | None:
-    """JSON-friendly float: inf/nan become None."""
-    return x if math.isfinite(x) else None

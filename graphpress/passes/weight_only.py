@@ -60,9 +60,8 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tupl
         if not cfg.selects(module):
             continue
         matched += 1
-        tied = [n for n in names.get(node.args[1].target, []) if n != node.args[1].target]
-        if tied or is_shared(gm, node.args[1]):
-            # an unread alias may have been dropped by cleanup(): a second reader also means tied
+        if is_shared(gm, node.args[1]):  # an alias name, or a second reader once cleanup() dropped the name
+            tied = [n for n in names.get(node.args[1].target, []) if n != node.args[1].target]
             other = tied[0] if tied else "another node (e.g. the embedding)"
             skipped[module] = f"weight is shared with {other}; quantize it with quantize_embedding"
             continue

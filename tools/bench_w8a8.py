@@ -9,6 +9,8 @@ For SmolLM2-sized matmuls, x [1, T, K] @ W^T with W [N, K], one single-node (or 
     dqmm         com.microsoft::DynamicQuantizeMatMul                (x quantized per tensor, uint8 asymmetric)
     per-token    Abs, ReduceMax, Div, Round, Add 128, Cast + MatMulInteger(u8, s8) + Mul, Mul
                  (x quantized per token, symmetric int8 stored as uint8 with zero point 128)
+    rows-dqmm    Abs, ReduceMax, Div + DynamicQuantizeMatMul + Mul   (each row scaled to absmax 1 first: per
+                 token, 255 levels; graphpress's lowering of matmul_w8a8)
 Times are the minimum and the 25th percentile over rounds interleaved across options (other jobs share the
 machine, so the minimum is the better estimate of the uncontended time); SQNR is against the float product on activations with varied row ranges, with and without one outlier channel (x20).
 """
@@ -22,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-SHAPES = [(576, 1536), (1536, 576), (576, 49152)]  # (K, N): q/up/gate, down, tied lm_head of SmolLM2-135M
+# (K, N) of SmolLM2-135M: q/k/v merged, gate/up merged, down, tied lm_head
+SHAPES = [(576, 960), (576, 3072), (1536, 576), (576, 49152)]
 
 
 def _weight(k: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,6 +76,13 @@ def build(option: str, k: int, n: int, t: int) -> tuple[bytes, np.ndarray]:
                  helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
                  helper.make_node("Mul", ["accf", "xs"], ["y1"]),
                  helper.make_node("Mul", ["y1", "Ws"], ["y"])]
+    elif option == "rows-dqmm":
+        inits = [c(wq.T.copy(), "Wq"), c(ws, "Ws"), c(np.array([-1], np.int64), "axis")]
+        nodes = [helper.make_node("Abs", ["x"], ["xa"]),
+                 helper.make_node("ReduceMax", ["xa", "axis"], ["amax"], keepdims=1),
+                 helper.make_node("Div", ["x", "amax"], ["xn"]),
+                 helper.make_node("DynamicQuantizeMatMul", ["xn", "Wq", "Ws"], ["yn"], domain="com.microsoft"),
+                 helper.make_node("Mul", ["yn", "amax"], ["y"])]
     else:
         raise ValueError(option)
     graph = helper.make_graph(nodes, option, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, k])],
@@ -96,7 +106,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
-    options = ["fp32", "nbits-64", "nbits-128", "nbits-256", "dq-matmul", "dqmm", "per-token"]
+    options = ["fp32", "nbits-64", "nbits-128", "nbits-256", "dq-matmul", "dqmm", "per-token", "rows-dqmm"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = args.threads, 1, 3
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, T={args.tokens}")

@@ -9,8 +9,11 @@
        (B is MatMulNBits' layout; with block_size dividing H the reshape is free and the one stored B also
        feeds a tied MatMulNBits. The exporter's constant folding copies B only when it is <= 8192 bytes.)
     graphpress::matmul_w8a8(x, Q [K, N] int8, w_s, bias)
-        -> x_s = ReduceMax(Abs(x), -1) / 127;  MatMulInteger(Cast<uint8>(Round(x / x_s) + 128), Q, 128)
-           -> Cast<float> * x_s * w_s (+ bias)          (standard ONNX; see _matmul_w8a8_rule for why)
+        -> r = ReduceMax(Abs(x), -1);  com.microsoft::DynamicQuantizeMatMul(x / r, Q, w_s) * r (+ bias)
+           (per-token int8 activations through onnxruntime's fused per-tensor op; see _matmul_w8a8_rule)
+    graphpress::matmul_nbits(..., kernel="int8")
+        -> Q, w_s = int8 per-channel requantization of the dequantized weight, written as ops on the
+           initializers (onnxruntime folds them at session start), then the matmul_w8a8 lowering
 
 ``accuracy_level`` is the minimum precision onnxruntime may compute in: 0 = unset, 1 = fp32, 2 = fp16,
 3 = bf16, 4 = int8 (activations quantized per block on the fly: fastest on CPU).
@@ -26,12 +29,19 @@ import graphpress.kernels.gather_nbits  # noqa: F401  (defines torch.ops.graphpr
 import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
 import graphpress.kernels.matmul_w8a8  # noqa: F401  (defines torch.ops.graphpress.matmul_w8a8)
 from graphpress.lowering.rules import Rule, RuleTable
+from graphpress.quant.int8 import TINY, symmetric_int8_rows
 
 MS = "com.microsoft"
 
 
 def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
-    def lower(x, qweight, scales, zeros, bias, K, N, bits, block_size, accuracy_level=0):  # noqa: ANN001, ANN202
+    def lower(x, qweight, scales, zeros, bias, K, N, bits, block_size, accuracy_level=0, kernel="nbits"):  # noqa: ANN001, ANN202, E501
+        if kernel == "int8":
+            # the float weight and its int8 requantization are computed from initializers only, so onnxruntime
+            # folds them into one int8 [K, N] initializer at session start; the file keeps the packed codes
+            w = _dequantize_float_ops(qweight, scales, zeros, K, bits, block_size)  # [N, K]
+            q, s = symmetric_int8_rows(w)
+            return _int8_matmul(x, q.T, s, bias)
         accuracy_level = accuracy_level if override is None else override
         inputs = [x, qweight, scales, None if zeros is None else zeros]
         if bias is not None:
@@ -50,6 +60,25 @@ def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
     return lower
 
 
+def _unpack_float(packed, bits, count):  # noqa: ANN001, ANN202
+    """unpack_codes in float arithmetic (Cast, Div, Floor, Mul, Sub: exact for bytes), which every exporter
+    and runtime types alike; returns float codes [..., count]."""
+    p = packed.float()
+    if bits == 8:
+        return p[..., :count]
+    high = torch.floor(p / 16)
+    return torch.stack((p - high * 16, high), dim=-1).flatten(-2)[..., :count]
+
+
+def _dequantize_float_ops(qweight, scales, zeros, K, bits, block_size):  # noqa: ANN001, ANN202
+    """dequantize_nbits written with _unpack_float (the same values)."""
+    n, k_blocks, _ = qweight.shape
+    codes = _unpack_float(qweight, bits, block_size)  # [N, k_blocks, block_size]
+    zp = float(1 << (bits - 1)) if zeros is None else _unpack_float(zeros, bits, k_blocks)[..., None]
+    w = (codes - zp) * scales.float().reshape(n, k_blocks, 1)
+    return w.reshape(n, k_blocks * block_size)[:, :K]
+
+
 def _gather_nbits_rule(qweight, scales, zeros, indices, bits, block_size, hidden):  # noqa: ANN001, ANN202
     v = qweight.shape[0]
     data = qweight.reshape(v, hidden * bits // 8)  # [V, k_blocks, bs * bits / 8] -> [V, H * bits / 8], same bytes
@@ -64,40 +93,36 @@ def _gather_nbits_rule(qweight, scales, zeros, indices, bits, block_size, hidden
     )
 
 
-def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
-    """Per-token int8 activations by standard ops, then one u8 x s8 MatMulInteger; the reference computes the same.
-
-    Measured here (AMD EPYC, 2 cores with AVX-512 VNNI shared with other jobs, onnxruntime 1.32;
-    ``tools/bench_w8a8.py``), x [1, 128, K] @ W^T, ms with 1 thread (the minimum over 30 rounds; 2 threads gave
-    the same order, with far more noise), and SQNR against the float product on rows of varied range
-    without / with one x20 outlier channel:
-
-        K x N         fp32 MatMul   (a) MatMulNBits 8b acc4    (b) DQLinear+MatMulInteger   this rule
-                                      bs 64 / 128 / 256         (c) DynamicQuantizeMatMul   (per token)
-        576 x 1536       0.99        0.72 / 0.80 / 0.80          0.29 / 0.29                  0.37
-        1536 x 576       0.98        0.70 / 0.64 / 0.56          0.29 / 0.29                  0.42
-        576 x 49152     37.6         24.4 / 26.3 / 26.5          11.8 / 11.9                  15.8
-        SQNR dB          131         40 / 40 / 40                36                           39
-          outlier        131         37 / 35 / 32                18-19                        28-29
-
-    (a) quantizes x per row and block of K, finer than per token and the most accurate, but is 1.3-2x slower
-    than this rule. (b) and (c), the fastest, quantize x per tensor (uint8 asymmetric): one loud channel or
-    token costs every row, and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with
-    per-token scales (fp32 14.94; torch programs, the same weights). So: per-token scales from
-    Abs / ReduceMax / Div / Round, then (b)'s integer matmul, 1.3-1.45x (b)'s time. Codes go in as uint8 q + 128
-    with zero point 128 so that MLAS takes its u8 x s8 kernel (int8 x int8 MatMulInteger measured 10-30x
-    slower). Caveat: without VNNI, MLAS's u8 x s8 kernel on AVX2 can saturate int16 pair sums (onnxruntime's
-    documented reduce_range issue), where onnxruntime would drift from the reference.
-    """
-    x_s = x.abs().amax(-1, keepdim=True) / 127  # [..., 1]
-    x_s = torch.where(x_s > 0, x_s, torch.ones_like(x_s))  # an all-zero row: any scale is exact
-    x_u8 = (torch.round(x / x_s) + 128).to(torch.uint8)  # [..., K] codes q + 128, q in [-127, 127]
-    zero = torch.tensor(128, dtype=torch.uint8)
-    acc = torch.onnx.ops.symbolic(
-        "MatMulInteger", [x_u8, qweight, zero], dtype=torch.int32, shape=[*x.shape[:-1], qweight.shape[1]], version=10
-    )  # [..., N] int32, exact
-    y = acc.to(x.dtype) * x_s * scales
+def _int8_matmul(x, qweight, scales, bias):  # noqa: ANN001, ANN202
+    """x @ (qweight [K, N] int8 * scales [N]) with per-token int8 x: the math of matmul_w8a8_reference."""
+    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
+    y = torch.onnx.ops.symbolic(
+        f"{MS}::DynamicQuantizeMatMul", [x / rows, qweight, scales], dtype=x.dtype,
+        shape=[*x.shape[:-1], qweight.shape[1]], version=1,
+    ) * rows
     return y + bias if bias is not None else y
+
+
+def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
+    """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
+
+    Measured here (AMD EPYC, 2 cores with AVX-512 VNNI, onnxruntime 1.32; ``tools/bench_w8a8.py`` and
+    single-op sessions), x [1, 128, K] @ W^T, ms, 2 threads, median of 50:
+
+        K x N         fp32 MatMul   MatMulNBits 8b acc4   DynamicQuantizeMatMul   this rule   per-token by
+                                    (block 128)           (per-tensor x)                      standard ops
+        576 x 3072       1.02         0.88                  0.31                   0.35        ~0.6
+        1536 x 576       0.51         0.37                  0.16                   0.21        ~0.45
+        576 x 49152     19.9         13.7                   6.2                    ~6.6
+
+    DynamicQuantizeMatMul alone quantizes x per tensor (uint8 asymmetric): one loud token costs every row,
+    and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with per-token scales (fp32
+    14.94). Dividing each row by its absmax first (Abs, ReduceMax, Div; Mul after) makes that one scale a
+    per-token one for 3 small elementwise ops. MLAS takes its u8 x s8 kernel for the int8 B. Caveat: without
+    VNNI, MLAS's u8 x s8 kernel on AVX2 can saturate int16 pair sums (onnxruntime's documented reduce_range
+    issue), where onnxruntime would drift from the reference.
+    """
+    return _int8_matmul(x, qweight, scales, bias)
 
 
 # export-check floors (SQNR of the whole model's output, onnxruntime against the torch program). With int8

@@ -71,7 +71,7 @@ class GPTQ(WeightOnlyConfig):
             if target not in quantized:  # a linear outside the streamed parts: no Hessian was seen
                 skipped[target] = "not reached by the calibration stream"
                 continue
-            replace_linear(gm, node, quantized[target], accuracy_level=self.accuracy_level)
+            replace_linear(gm, node, quantized[target], accuracy_level=self.accuracy_level, kernel=self.kernel)
         cleanup(gm)
         stats = {"quantized": len(quantized), "skipped": skipped, "calibration_batches": len(ctx.calibration)}
         return PassResult(gm, bool(quantized), stats)

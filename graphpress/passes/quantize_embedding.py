@@ -32,7 +32,7 @@ import graphpress.kernels.gather_nbits  # noqa: F401  (defines torch.ops.graphpr
 import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
 from graphpress.graph import aliases, cleanup, free_target, get_tensor, is_op, module_name, set_tensor
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
-from graphpress.passes.weight_only import fp16_scales
+from graphpress.passes.weight_only import check_kernel, fp16_scales
 from graphpress.quant.pack import pack_matmulnbits
 from graphpress.quant.qweight import QuantSpec
 from graphpress.quant.rtn import quantize_rtn
@@ -89,10 +89,14 @@ class QuantizeEmbedding(Selection, Pass):
     tie_output: bool = True
     # compute precision of that tied linear (MatMulNBits): 4 = int8 activations per block, 0 = float
     accuracy_level: int = 4
+    # how that tied linear multiplies (see WeightOnlyConfig.kernel); "int8" with 8 bits and group_size None
+    # (one scale per row) is exact: the requantization finds the same codes
+    kernel: str = "nbits"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        check_kernel(self.kernel)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         tables = self._tables(gm)
@@ -193,7 +197,8 @@ class QuantizeEmbedding(Selection, Pass):
         for node in t.linears if self.tie_output else []:
             bias = node.args[2] if len(node.args) > 2 else None
             _replace(gm, node, torch.ops.graphpress.matmul_nbits.default,
-                     (node.args[0], B, scales, zeros, bias, h, v, self.bits, block, self.accuracy_level))
+                     (node.args[0], B, scales, zeros, bias, h, v, self.bits, block, self.accuracy_level,
+                      self.kernel))
         return sum(x.numel() * x.element_size() for x in tensors.values())
 
 

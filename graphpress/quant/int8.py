@@ -1,9 +1,14 @@
-"""Symmetric int8 references for W8A8: per-output-channel weights, per-token dynamic activations.
+"""int8 references for W8A8: per-output-channel weights, per-token dynamic activations.
 
     w [N, K] -> (w_q int8 [N, K], w_s [N]),   x [..., K] -> (x_q int8 [..., K], x_s [...])
     q = clamp(round(v / s), -127, 127),  s = absmax / 127 along K (1 for an all-zero row)
     y = x @ w^T ~= (x_q @ w_q^T)_int32 * x_s[..., None] * w_s          (int8_matmul_reference)
 -128 is left unused so that the range is symmetric and negation is exact.
+
+``quantize_rows_uint8`` is the activation rounding the onnxruntime lowering computes: every row scaled to
+absmax 1, then the whole tensor quantized to uint8 the way ONNX DynamicQuantizeLinear does (one asymmetric
+scale over [min(0, min), max(0, max)] ~ [-1, 1]). That is per-token quantization with 255 levels, in the form
+onnxruntime's fused DynamicQuantizeMatMul takes.
 """
 
 from __future__ import annotations
@@ -12,25 +17,27 @@ import torch
 
 from graphpress.quant.qweight import check_weight
 
+TINY = torch.finfo(torch.float32).tiny
 
-def _symmetric_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize along the last dim; returns (int8 codes like v, scale v.shape[:-1])."""
+
+def symmetric_int8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize along the last dim; returns (int8 codes like v, scale v.shape[:-1]). No checks: traceable."""
     v = v.float()
     scale = v.abs().amax(-1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(v / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(v / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
 def quantize_symmetric_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (int8 codes [N, K], float32 scale [N])."""
     check_weight(w, "quantize_symmetric_int8_per_channel")
-    return _symmetric_int8(w)
+    return symmetric_int8_rows(w)
 
 
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization, one scale per row: x [..., K] -> (int8 [..., K], float32 scale [...])."""
-    return _symmetric_int8(x)
+    return symmetric_int8_rows(x)
 
 
 def int8_matmul_reference(
@@ -40,3 +47,26 @@ def int8_matmul_reference(
     # int32 accumulation is exact for K < 2^31 / 127^2 ~ 133k; int64 here since CPU matmul lacks int32
     acc = x_q.long() @ w_q.long().T
     return acc.float() * x_s[..., None] * w_s
+
+
+def dynamic_quantize_linear(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear: x -> (uint8 codes, float32 scale [], uint8 zero point []), one scale for x.
+
+    scale = (max(0, max x) - min(0, min x)) / 255 (1 when that is 0), zero point = round(clamp(-min / scale)),
+    codes = clamp(round(x / scale) + zero point, 0, 255), rounding half to even as onnxruntime does.
+    """
+    x = x.float()
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round((-lo / scale).clamp(0, 255))
+    codes = (torch.round(x / scale) + zero).clamp_(0, 255).to(torch.uint8)
+    return codes, scale, zero.to(torch.uint8)
+
+
+def quantize_rows_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token activations as the lowering computes them: x [..., K] -> (uint8 codes [..., K], scale [],
+    zero point [], row scale [...]) with x ~= (codes - zero point) * scale * row_scale[..., None]."""
+    rows = x.float().abs().amax(-1, keepdim=True).clamp(min=TINY)  # an all-zero row: any scale is exact
+    codes, scale, zero = dynamic_quantize_linear(x.float() / rows)
+    return codes, scale, zero, rows[..., 0]

@@ -13,8 +13,8 @@ from graphpress.kernels.matmul_w8a8 import matmul_w8a8_reference
 from graphpress.lowering.onnx import export_onnx, ort_forward
 from graphpress.metrics import max_rel_error, sqnr
 from graphpress.quant.int8 import (
-    int8_matmul_reference,
-    quantize_per_token_int8,
+    dynamic_quantize_linear,
+    quantize_rows_uint8,
     quantize_symmetric_int8_per_channel,
 )
 
@@ -51,24 +51,37 @@ def test_reference_is_the_int8_math_and_close_to_float() -> None:
     x = _activations((2, 9, 256))
     y = matmul_w8a8_reference(x, m.qweight, m.scales, m.bias)
     assert y.shape == (2, 9, 48) and y.dtype == torch.float32
-    x_q, x_s = quantize_per_token_int8(x)
+    codes, scale, zero, rows = quantize_rows_uint8(x)
     q, s = quantize_symmetric_int8_per_channel(m.w)
-    expected = int8_matmul_reference(x_q, x_s, q, s) + m.bias  # int64 accumulation
-    assert torch.equal(y, expected)
+    acc = (codes.long() - zero.long()) @ q.long().T  # int64 accumulation
+    assert torch.equal(y, acc.float() * (scale * s) * rows[..., None] + m.bias)
     assert torch.equal(y[0, 0], m.bias.detach())  # the zero token gives exactly the bias
     assert sqnr(x @ m.w.T + m.bias, y) >= 35.0  # two 8-bit roundings: measured 40.0 dB
 
 
+def test_rows_are_quantized_each_on_its_own_range() -> None:
+    x = torch.tensor([[1e-3, -2e-3, 0.5e-3], [100.0, -50.0, 25.0]])  # ranges 1e5 apart
+    codes, scale, zero, rows = quantize_rows_uint8(x)
+    assert torch.equal(rows, torch.tensor([2e-3, 100.0]))
+    back = (codes.float() - zero.float()) * scale * rows[:, None]
+    assert max_rel_error(x[0], back[0]) <= 1 / 127 and max_rel_error(x[1], back[1]) <= 1 / 127
+    # one scale for the tensor would leave the small row at zero
+    c, s, z = dynamic_quantize_linear(x)
+    assert torch.equal(c[0], z.expand(3))
+
+
 def test_float64_accumulation_is_exact_past_float32_integers() -> None:
-    # |acc| = 127 * 127 * 2048 = 33M > 2^24: a float32 matmul would round partial sums, float64 does not
+    # |acc| ~ 127 * 127 * 2048 = 33M > 2^24: a float32 matmul would round partial sums, float64 does not
     k = 2048
     qweight = torch.full((k, 2), 127, dtype=torch.int8)
     qweight[::2, 1] = -127
     x = torch.ones(1, k)
-    x[0, 1::2] = 0.999  # codes 127 and 127, no rounding ties
+    x[0, 1::2] = -1.0
     y = matmul_w8a8_reference(x, qweight, torch.ones(2), None)
-    acc = x.double().div(1 / 127).round().long() @ qweight.long()  # [1, 2] exact integers
-    assert torch.equal(y, acc.float() * (x.abs().amax() / 127))
+    codes, scale, zero, rows = quantize_rows_uint8(x)
+    acc = (codes.long() - zero.long()) @ qweight.long()  # [1, 2] exact integers
+    assert acc.abs().max() > 2**24 or acc.abs().min() == 0
+    assert torch.equal(y, acc.float() * scale * rows[..., None])
 
 
 def test_op_survives_export_with_dynamic_shapes() -> None:
@@ -88,7 +101,7 @@ def test_onnxruntime_agrees_with_the_reference_to_float_rounding(tmp_path, k: in
     result = export_onnx(program, path)
     assert result.lowered == {"graphpress.matmul_w8a8.default": 1}
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    assert ops.count("MatMulInteger") == 1 and "MatMul" not in ops
+    assert ops.count("DynamicQuantizeMatMul") == 1 and "MatMul" not in ops
     x = _activations((3, 11, k), seed=2)
     out = torch.from_numpy(ort_forward(path)(x))
     # the same int8 codes and exact integer sums: only float32 rounding of the scaling may differ

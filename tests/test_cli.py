@@ -101,7 +101,7 @@ def test_compress_plain_module_from_file(tmp_path: Path, capsys: pytest.CaptureF
     report = json.loads((out / "report.json").read_text())
     assert (out / "model.onnx").is_file() and sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
     assert [p["name"] for p in report["passes"]] == ["remove_noops", "fold_batchnorm", "fold_norm_scales",
-                                                     "merge_sibling_linears"]
+                                                     "merge_sibling_linears", "fuse_rms_norm", "fuse_rotary"]
     assert report["passes"][1]["stats"]["folded"] == 1 and report["onnx"]["check"]["max_rel"] < 1e-5
     assert report["evaluation"] is None
     _no_leftovers(tmp_path)

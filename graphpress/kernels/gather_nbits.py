@@ -46,12 +46,12 @@ def gather_nbits_reference(
     check_table(hidden, bits, block_size)
     k_blocks = qweight.shape[1]
     rows = qweight[indices]  # [..., k_blocks, block_size * bits / 8]
-    codes = unpack_codes(rows, bits, block_size).float()  # [..., k_blocks, block_size]
+    codes = unpack_codes(rows, bits, block_size)  # [..., k_blocks, block_size]
     s = scales[indices].float()  # [..., k_blocks]
     if zeros is None:
         zp = torch.full_like(s, float(1 << (bits - 1)))
     else:
-        zp = unpack_codes(zeros[indices], bits, k_blocks).float()  # [..., k_blocks]
+        zp = unpack_codes(zeros[indices], bits, k_blocks)  # [..., k_blocks]
     y = (codes - zp[..., None]) * s[..., None]
     return y.flatten(-2)[..., :hidden].to(scales.dtype)
 

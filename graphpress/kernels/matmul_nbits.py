@@ -35,12 +35,17 @@ KERNELS = ("nbits", "int8")
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """uint8 [..., count * bits / 8] -> uint8 [..., count] (4-bit: low nibble first)."""
+    """uint8 [..., count * bits / 8] -> float codes [..., count] (4-bit: low nibble first).
+
+    Written in float arithmetic (exact for bytes) rather than shifts and masks: it is also what lowering
+    traces for a rule that unpacks at session start, and every exporter and runtime types float ops alike.
+    """
+    p = packed.float()
     if bits == 8:
-        return packed[..., :count]
+        return p[..., :count]
     if bits == 4:
-        low, high = packed & 0x0F, packed >> 4
-        return torch.stack((low, high), dim=-1).flatten(-2)[..., :count]
+        high = torch.floor(p / 16)
+        return torch.stack((p - high * 16, high), dim=-1).flatten(-2)[..., :count]
     raise ValueError(f"matmul_nbits supports 4 or 8 bits, not {bits}")
 
 
@@ -49,12 +54,9 @@ def dequantize_nbits(
 ) -> torch.Tensor:
     """The float weight [N, K] that the packed tensors stand for."""
     N, k_blocks, _ = qweight.shape
-    codes = unpack_codes(qweight, bits, block_size).float()  # [N, k_blocks, block_size]
-    if zeros is None:
-        zp = torch.full((N, k_blocks), float(1 << (bits - 1)), device=qweight.device)
-    else:
-        zp = unpack_codes(zeros, bits, k_blocks).float()  # [N, k_blocks]
-    w = (codes - zp[..., None]) * scales.view(N, k_blocks, 1).float()
+    codes = unpack_codes(qweight, bits, block_size)  # [N, k_blocks, block_size]
+    zp = float(1 << (bits - 1)) if zeros is None else unpack_codes(zeros, bits, k_blocks)[..., None]
+    w = (codes - zp) * scales.float().reshape(N, k_blocks, 1)
     return w.reshape(N, k_blocks * block_size)[:, :K]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir
+import onnxscript
 import torch
 from onnx import numpy_helper
 
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 # protobuf refuses messages over 2 GiB; keep a margin for the graph itself
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 META_PREFIX = "graphpress."
+# ONNX opset of every export: 23 has RMSNormalization, Attention and RotaryEmbedding as single ops
+OPSET = 23
 
 
 class LoweringError(RuntimeError):
@@ -68,12 +72,17 @@ def export_onnx(
             gm,
             program.example_inputs,
             dynamo=True,
+            opset_version=OPSET,
             dynamic_shapes=program.torch_dynamic_shapes(),
             input_names=list(program.input_names),
             output_names=list(program.output_names),
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
+        # constant folding and cleanup only: the exporter's own opset-23 fusions (optimize=True) also rewrite
+        # rotary patterns into a RotaryEmbedding that fails for a batch of more than one row (cos/sin of
+        # batch 1); graphpress fuses norms and rotaries itself, checked (passes/fuse.py)
+        onnxscript.optimizer.optimize_ir(exported.model, should_fold=_keep_packed)
     except Exception as e:  # the exporter raises many types; name the model and what to try
         raise LoweringError(
             f"cannot export {program.name} to ONNX: {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
@@ -100,6 +109,15 @@ def export_onnx(
                 f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
             )
     return result
+
+
+def _keep_packed(node: onnx_ir.Node) -> bool | None:
+    """Constant folding must not unpack packed integers (uint8 codes, zero points) into a larger initializer:
+    a node reading a constant uint8 tensor is left for onnxruntime to fold at session start."""
+    for value in node.inputs:
+        if value is not None and value.const_value is not None and value.dtype == onnx_ir.DataType.UINT8:
+            return False
+    return None
 
 
 def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:

@@ -11,6 +11,8 @@
     graphpress::matmul_w8a8(x, Q [K, N] int8, w_s, bias)
         -> r = ReduceMax(Abs(x), -1);  com.microsoft::DynamicQuantizeMatMul(x / r, Q, w_s) * r (+ bias)
            (per-token int8 activations through onnxruntime's fused per-tensor op; see _matmul_w8a8_rule)
+    graphpress::rotary_embedding(x [B, H, S, D], cos, sin [B|1, 1, S, D])
+        -> RotaryEmbedding(x, cos[:, 0, :, :D/2], sin[:, 0, :, :D/2])   (ONNX opset 23)
     graphpress::matmul_nbits(..., kernel="int8")
         -> Q, w_s = int8 per-channel requantization of the dequantized weight, written as ops on the
            initializers (onnxruntime folds them at session start), then the matmul_w8a8 lowering
@@ -28,6 +30,8 @@ import torch
 import graphpress.kernels.gather_nbits  # noqa: F401  (defines torch.ops.graphpress.gather_nbits)
 import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
 import graphpress.kernels.matmul_w8a8  # noqa: F401  (defines torch.ops.graphpress.matmul_w8a8)
+import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
+from graphpress.kernels.matmul_nbits import dequantize_nbits
 from graphpress.lowering.rules import Rule, RuleTable
 from graphpress.quant.int8 import TINY, symmetric_int8_rows
 
@@ -39,7 +43,7 @@ def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
         if kernel == "int8":
             # the float weight and its int8 requantization are computed from initializers only, so onnxruntime
             # folds them into one int8 [K, N] initializer at session start; the file keeps the packed codes
-            w = _dequantize_float_ops(qweight, scales, zeros, K, bits, block_size)  # [N, K]
+            w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size)  # [N, K]
             q, s = symmetric_int8_rows(w)
             return _int8_matmul(x, q.T, s, bias)
         accuracy_level = accuracy_level if override is None else override
@@ -60,23 +64,11 @@ def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
     return lower
 
 
-def _unpack_float(packed, bits, count):  # noqa: ANN001, ANN202
-    """unpack_codes in float arithmetic (Cast, Div, Floor, Mul, Sub: exact for bytes), which every exporter
-    and runtime types alike; returns float codes [..., count]."""
-    p = packed.float()
-    if bits == 8:
-        return p[..., :count]
-    high = torch.floor(p / 16)
-    return torch.stack((p - high * 16, high), dim=-1).flatten(-2)[..., :count]
-
-
-def _dequantize_float_ops(qweight, scales, zeros, K, bits, block_size):  # noqa: ANN001, ANN202
-    """dequantize_nbits written with _unpack_float (the same values)."""
-    n, k_blocks, _ = qweight.shape
-    codes = _unpack_float(qweight, bits, block_size)  # [N, k_blocks, block_size]
-    zp = float(1 << (bits - 1)) if zeros is None else _unpack_float(zeros, bits, k_blocks)[..., None]
-    w = (codes - zp) * scales.float().reshape(n, k_blocks, 1)
-    return w.reshape(n, k_blocks * block_size)[:, :K]
+def _rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
+    """ONNX RotaryEmbedding (opset 23) reads cos/sin as [B, S, D/2]: fuse_rotary checked that the halves repeat."""
+    half = x.shape[-1] // 2
+    cos, sin = (t[:, 0, :, :half].expand(x.shape[0], -1, -1) for t in (cos, sin))
+    return torch.onnx.ops.rotary_embedding(x, cos, sin)
 
 
 def _gather_nbits_rule(qweight, scales, zeros, indices, bits, block_size, hidden):  # noqa: ANN001, ANN202
@@ -142,4 +134,5 @@ def onnxruntime_rules(accuracy_level: int | None = None) -> RuleTable:
         Rule(torch.ops.graphpress.matmul_nbits.default, _matmul_nbits_rule(accuracy_level)),
         Rule(torch.ops.graphpress.gather_nbits.default, _gather_nbits_rule),
         Rule(torch.ops.graphpress.matmul_w8a8.default, _matmul_w8a8_rule),
+        Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
     ), check_sqnr_db=CHECK_SQNR_DB[accuracy_level] if accuracy_level is not None else 20.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
+from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
@@ -24,6 +25,8 @@ PASSES: dict[str, type[Pass]] = {
     "w8a8": W8A8,
     "gptq": GPTQ,
     "quantize_embedding": QuantizeEmbedding,
+    "fuse_rms_norm": FuseRMSNorm,
+    "fuse_rotary": FuseRotary,
 }
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection"]

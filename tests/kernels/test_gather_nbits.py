@@ -66,7 +66,8 @@ def test_gather_block_quantized_in_onnxruntime_matches_reference(tmp_path, bits:
     program = capture(module, (ids,), dynamic_dims=[{0: "batch", 1: "seq"}])
     result = export_onnx(program, tmp_path / "m.onnx", rules=onnxruntime_rules(accuracy_level=0), tolerance=1e-6)
     assert result.lowered == {"graphpress.gather_nbits.default": 1}
-    assert {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node} == {"GatherBlockQuantized"}
+    # the Reshape of the packed table to GatherBlockQuantized's [V, H * bits / 8] view is left to onnxruntime
+    assert {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node} == {"GatherBlockQuantized", "Reshape"}
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -2,7 +2,8 @@
 
 For each artifact (an .onnx file or a `graphpress compress` output directory): quality on the evaluation
 protocol (perplexity for causal LMs, cosine similarity for encoders) in onnxruntime, file size (with external
-data), and onnxruntime latency — batch 1, 128 tokens, N threads, median of R runs after W warm-up runs.
+data), and onnxruntime latency — batch 1, 128 tokens, N threads, median of R runs after W warm-up runs, the
+runs of all artifacts interleaved round by round so that the machine's slow spells fall on all of them alike.
 Writes JSON and replaces the table between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in a Markdown file.
 
     python tools/bench.py --reference out/fp32 out/w4 out/w8a8 --name smollm2 --json bench.json \
@@ -41,16 +42,22 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def latency_ms(path: Path, inputs: dict[str, np.ndarray], threads: int, runs: int, warmup: int) -> dict[str, float]:
-    session = ort_session(path, threads)
-    for _ in range(warmup):
-        session.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, inputs)
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": runs, "threads": threads}
+def latencies(paths: list[Path], feeds: list[dict[str, np.ndarray]], threads: int, runs: int,
+              warmup: int) -> list[dict[str, float]]:
+    """Latency of every artifact, interleaved: each round runs every session once (starting one further along
+    each round), so a slow spell of the machine falls on all artifacts alike and ratios stay fair."""
+    sessions = [ort_session(p, threads) for p in paths]
+    for s, feed in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(runs):
+        for k in range(len(sessions)):
+            i = (r + k) % len(sessions)
+            t = time.perf_counter()
+            sessions[i].run(None, feeds[i])
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return [{"median_ms": statistics.median(t), "min_ms": min(t), "runs": runs, "threads": threads} for t in times]
 
 
 def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]) -> dict[str, Any]:
@@ -67,13 +74,12 @@ def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]) ->
     if src.kind == "encoder":
         feed["attention_mask"] = np.ones_like(feed["input_ids"])
     result: dict[str, Any] = {"artifact": artifact, "model": src.name, "recipe": meta.get("recipe", "?"),
-                              "bytes": file_bytes(path)}
-    result["latency"] = latency_ms(path, feed, args.threads, args.runs, args.warmup)
+                              "bytes": file_bytes(path), "path": path, "feed": feed}
     if not args.no_quality:
         reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
         quality = ev.evaluate(src.kind, ort_forward(path, args.eval_threads), src.tokenizer, reference)
         result["quality"] = quality.to_json()
-    print(json.dumps(clean_json(result)), file=sys.stderr)
+    print(json.dumps(clean_json({k: v for k, v in result.items() if k != "feed"}), default=str), file=sys.stderr)
     return result
 
 
@@ -123,6 +129,11 @@ def main() -> None:
     sources: dict[str, Any] = {}
     reference = measure(args.reference, args, sources)
     rows = [measure(a, args, sources) for a in args.artifacts]
+    everything = [reference, *rows]
+    timed = latencies([r.pop("path") for r in everything], [r.pop("feed") for r in everything], args.threads,
+                      args.runs, args.warmup)
+    for r, latency in zip(everything, timed, strict=True):
+        r["latency"] = latency
     for r in rows:
         r["latency_vs_reference"] = r["latency"]["median_ms"] / reference["latency"]["median_ms"]
         r["bytes_vs_reference"] = r["bytes"] / reference["bytes"]
@@ -137,7 +148,7 @@ def main() -> None:
     if args.markdown:
         note = (f"Measured by `python tools/bench.py` on {report['machine']['cpus']} CPUs "
                 f"({report['machine']['platform']}); latency: batch 1, {args.tokens} tokens, {args.threads} "
-                f"threads, median of {args.runs} runs after {args.warmup} warm-up runs.")
+                f"threads, median of {args.runs} runs after {args.warmup} warm-up runs, interleaved across artifacts.")
         update_markdown(args.markdown, args.name, f"{note}\n\n{table}")
 
 

@@ -59,7 +59,7 @@ def check_input_scale(gm: fx.GraphModule, linears: list[fx.Node], s: torch.Tenso
         w = graph.get_tensor(gm, lin.args[1])
         if w is None or w.dim() != 2:
             return f"{lin.name} has a computed or non-2-D weight"
-        if graph.is_shared(gm, lin.args[1]):
+        if graph.is_shared(gm, lin.args[1]) and embedding_tie(gm, lin.args[1]) is None:
             return f"{graph.module_name(lin.args[1].target)} weight is shared with another tensor or reader"
         if w.shape[1] != s.numel():
             return f"{graph.module_name(lin.args[1].target)} has K={w.shape[1]}, the scale has {s.numel()} entries"
@@ -79,7 +79,10 @@ def apply_input_scale(gm: fx.GraphModule, linears: list[fx.Node], s: torch.Tenso
         raise ValueError(f"apply_input_scale: {reason}")
     s64 = s.detach().double().cpu()
     for lin in linears:
+        tied = embedding_tie(gm, lin.args[1]) if graph.is_shared(gm, lin.args[1]) else None
         _scale(gm, lin.args[1].target, s64[None, :])
+        for emb in tied or []:  # the table's rows are read scaled now: E[ids] = (E * s)[ids] / s
+            _unscale_embedding(gm, emb, s64)
     x = linears[0].args[0]
     absorbers = _absorbers(gm, x, set(linears), s.numel())
     if absorbers is None:
@@ -91,11 +94,42 @@ def apply_input_scale(gm: fx.GraphModule, linears: list[fx.Node], s: torch.Tenso
 
 
 def _scale(gm: fx.GraphModule, target: str, factor: torch.Tensor) -> None:
+    """target *= factor, as a new tensor bound to every name of its storage (ties stay tied)."""
     try:
         t = gm.get_parameter(target)
     except AttributeError:
         t = gm.get_buffer(target)
-    graph.set_tensor(gm, target, (t.detach().double() * factor).to(t.dtype))
+    new = (t.detach().double() * factor).to(t.dtype)
+    is_buffer = not isinstance(t, torch.nn.Parameter)
+    for name in graph.aliases(gm).get(target, [target]):
+        graph.set_tensor(gm, name, new, buffer=is_buffer)
+
+
+def embedding_tie(gm: fx.GraphModule, weight: fx.Node) -> list[fx.Node] | None:
+    """For a linear weight whose storage is otherwise read only as an embedding table (a tied output head):
+    those embedding nodes. None for any other sharing."""
+    names = graph.aliases(gm).get(weight.target, [weight.target])
+    readers = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target in names for u in n.users]
+    linears = [u for u in readers if is_op(u, aten.linear.default) and len(u.args) > 1
+               and isinstance(u.args[1], fx.Node) and u.args[1].target in names]
+    others = [u for u in readers if u not in linears]
+    if len(linears) != 1 or not others:
+        return None
+    if all(is_op(u, aten.embedding.default) and u.args[0].target in names for u in others):
+        return others
+    return None
+
+
+def _unscale_embedding(gm: fx.GraphModule, emb: fx.Node, s64: torch.Tensor) -> None:
+    """mul(embedding(E * s, ids), 1 / s): the rows an embedding returns stay those of E."""
+    dtype = emb.meta["val"].dtype
+    target = graph.free_target(gm, graph.module_name(emb.args[0].target) + ".output_scale")
+    inv = graph.new_get_attr(gm, target, (1 / s64).to(dtype), before=emb)
+    with gm.graph.inserting_after(emb):
+        mul = gm.graph.call_function(aten.mul.Tensor, (emb, inv))
+    mul.meta = {k: v for k, v in emb.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    graph.infer_val(mul)
+    emb.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
 
 
 def _real_users(node: fx.Node) -> list[fx.Node]:
@@ -204,7 +238,8 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
     """
     if not ctx.calibration:
         raise PassError(f"{name} needs calibration data: set `calibration:` in the recipe or pass batches")
-    nodes, skipped = selected_linears(gm, cfg, name)
+    # a head tied to the embedding can be scaled too: the embedding's rows are scaled back after the gather
+    nodes, skipped = selected_linears(gm, cfg, name, shared_ok=lambda w: embedding_tie(gm, w) is not None)
     groups: list[list[fx.Node]] = []
     for group in input_groups(nodes):
         reason = check_input_scale(gm, group, torch.ones(graph.get_tensor(gm, group[0].args[1]).shape[1]))

@@ -11,6 +11,7 @@ holds only the integers; the float weight is dropped. K that the group size does
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,8 +57,11 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
 
 
-def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tuple[list[fx.Node], dict[str, str]]:
+def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str,
+                     shared_ok: Callable[[fx.Node], bool] | None = None) -> tuple[list[fx.Node], dict[str, str]]:
     """Float linears whose module name ``cfg`` selects; (nodes, skipped {module: reason}).
+
+    A linear whose weight is shared is skipped unless ``shared_ok(weight node)`` says the caller handles it.
 
     Refuses a selection that matches no linear at all, since that is always a mistake in a recipe.
     """
@@ -70,7 +74,8 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str) -> tupl
         if not cfg.selects(module):
             continue
         matched += 1
-        if is_shared(gm, node.args[1]):  # an alias name, or a second reader once cleanup() dropped the name
+        if is_shared(gm, node.args[1]) and not (shared_ok and shared_ok(node.args[1])):
+            # an alias name, or a second reader once cleanup() dropped the name
             tied = [n for n in names.get(node.args[1].target, []) if n != node.args[1].target]
             other = tied[0] if tied else "another node (e.g. the embedding)"
             skipped[module] = f"weight is shared with {other}; quantize it with quantize_embedding"

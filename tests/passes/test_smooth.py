@@ -204,13 +204,43 @@ def test_passes_scale_every_group_exactly(llama: Program, cls: type) -> None:
     # verify=True: the runner fails an exact pass whose outputs move by more than 1e-4
     out, records = run_pipeline(llama, [cls()], calibration=calibration(3))
     stats = records[0].stats
-    # per layer: q/k/v (RMSNorm), o_proj (inserted), gate/up (RMSNorm), down (up_proj rows); tied lm_head refused
-    assert stats["scaled_groups"] == 8 and stats["linears"] == 14
-    assert stats["absorbed"] == {"norm": 4, "inserted": 2, "linear": 2}
-    assert list(stats["skipped"]) == ["lm_head"]
+    # per layer: q/k/v (RMSNorm), o_proj (inserted), gate/up (RMSNorm), down (up_proj rows); the tied lm_head
+    # into the final norm, its table's rows scaled back after the embedding gather
+    assert stats["scaled_groups"] == 9 and stats["linears"] == 15
+    assert stats["absorbed"] == {"norm": 5, "inserted": 2, "linear": 2}
+    assert stats["skipped"] == {}
     assert records[0].error["max_rel"] <= 1e-5
     batch = fresh_batch(llama)
     assert max_rel_error(llama(*batch), out(*batch)) <= 1e-5
+
+
+def test_tied_head_is_smoothed_and_stays_one_table(llama: Program) -> None:
+    out, records = run_pipeline(llama, [SmoothQuant(targets=("lm_head",))], calibration=calibration(2))
+    assert records[0].stats["scaled_groups"] == 1 and records[0].stats["absorbed"] == {"norm": 1}
+    emb = next(n for n in out.gm.graph.nodes if is_op(n, aten.embedding.default))
+    (mul,) = emb.users  # the gathered rows times 1 / s
+    assert is_op(mul, aten.mul.Tensor) and mul.args[1].target.endswith("output_scale")
+    head = next(n for n in out.gm.graph.nodes if is_op(n, aten.linear.default) and n.args[1].target == emb.args[0].target)
+    assert graph.get_tensor(out.gm, head.args[1]) is graph.get_tensor(out.gm, emb.args[0])  # still one tensor
+    assert max_rel_error(llama(*fresh_batch(llama)), out(*fresh_batch(llama))) <= 1e-5
+    quantized, _ = run_pipeline(out, [PASSES["quantize_embedding"](bits=8, symmetric=True)])
+    assert not any(is_op(n, aten.embedding.default, aten.linear.default) and n.args[1 if is_op(n, aten.linear.default)
+                   else 0].target == emb.args[0].target for n in quantized.gm.graph.nodes)
+
+
+def test_head_shared_with_something_else_is_refused() -> None:
+    class TiedTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.head = nn.Linear(16, 32, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(x)) + x @ self.head.weight.T.sum(1, keepdim=True)  # a non-embedding reader
+
+    program = capture(TiedTwice(), (torch.randn(2, 3, 16),))
+    (head,) = linears_of(program, "head")
+    assert "shared" in check_input_scale(program.gm, [head], torch.ones(16))
 
 
 def test_smoothquant_on_bert_inserts_where_the_residual_reads_the_norm() -> None:

@@ -38,7 +38,7 @@ from graphpress.calibration import BlockStream, Part, linear_weights
 from graphpress.graph import aten, is_op
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, selected_linears
-from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, subsample_rows
+from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, smoothquant_search_scales, subsample_rows
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ class AWQ(WeightOnlyConfig):
 
             def finish(weights: list[torch.Tensor]) -> torch.Tensor:
                 x = torch.cat(rows)
-                return awq_search_scales(x, weights, self.spec, self.grid, max_rows=self.max_rows)
+                return awq_search_scales(x, weights, self.spec, self.grid, max_rows=self.max_rows,
+                                         int8_compute=self.kernel == "int8")
 
             return observe, finish
 
@@ -324,24 +325,40 @@ class SmoothQuant(Selection, Pass):
     name: ClassVar[str] = "smoothquant"
     exact: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
-    alpha: float = 0.5
+    # a number in [0, 1], or "auto": per group, the alpha of a grid that minimizes the W8A8 product's error
+    # on calibration rows (graphpress.quant.scaling.smoothquant_search_scales)
+    alpha: float | str = 0.5
+    max_rows: int = 1024  # activation rows per group that "auto" weighs the error on
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"smoothquant: alpha={self.alpha} must lie in [0, 1]")
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"smoothquant: alpha={self.alpha!r} must lie in [0, 1] or be 'auto'")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        per_batch = math.ceil(self.max_rows / max(1, len(ctx.calibration)))
+        chosen: list[float] = []
+
         def statistic() -> tuple[Callable[[torch.Tensor], None], Callable[[list[torch.Tensor]], torch.Tensor]]:
             absmax: list[torch.Tensor] = []  # one running [K] maximum
+            rows: list[torch.Tensor] = []  # for "auto": evenly spaced rows of each batch
 
             def observe(x: torch.Tensor) -> None:
                 m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
                 absmax[:] = [torch.maximum(absmax[0], m) if absmax else m]
+                if self.alpha == "auto":
+                    rows.append(subsample_rows(x.detach().float(), per_batch))
 
             def finish(weights: list[torch.Tensor]) -> torch.Tensor:
-                return smoothquant_scales(absmax[0], weights, self.alpha)
+                if self.alpha != "auto":
+                    return smoothquant_scales(absmax[0], weights, float(self.alpha))
+                s, alpha = smoothquant_search_scales(torch.cat(rows), absmax[0], weights, max_rows=self.max_rows)
+                chosen.append(alpha)
+                return s
 
             return observe, finish
 
-        return scale_groups(gm, ctx, self, self.name, statistic)
+        result = scale_groups(gm, ctx, self, self.name, statistic)
+        if chosen:
+            result.stats["alphas"] = chosen
+        return result

@@ -277,3 +277,13 @@ def test_refusals(llama: Program) -> None:
         SmoothQuant(alpha=1.5)
     with pytest.raises(ValueError, match="grid"):
         AWQ(grid=0)
+
+
+def test_smoothquant_auto_alpha_is_exact_and_reports_its_choices(llama: Program) -> None:
+    out, records = run_pipeline(llama, [SmoothQuant(alpha="auto")], calibration=calibration(2))
+    stats = records[0].stats
+    assert len(stats["alphas"]) == stats["scaled_groups"] == 9
+    assert all(a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) for a in stats["alphas"])
+    assert records[0].error["max_rel"] <= 1e-5
+    with pytest.raises(ValueError, match="auto"):
+        SmoothQuant(alpha="best")

@@ -6,7 +6,12 @@ import torch
 from graphpress.metrics import max_rel_error, sqnr
 from graphpress.quant.qweight import QuantSpec
 from graphpress.quant.rtn import quantize_rtn
-from graphpress.quant.scaling import awq_search_scales, smoothquant_scales
+from graphpress.quant.scaling import (
+    awq_search_scales,
+    smoothquant_scales,
+    smoothquant_search_scales,
+    w8a8_product,
+)
 
 
 def _outlier_layer(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -68,3 +73,31 @@ def test_scaling_refuses() -> None:
         smoothquant_scales(torch.ones(16), [torch.randn(4, 8)])
     with pytest.raises(ValueError, match="alpha"):
         smoothquant_scales(torch.ones(16), [torch.randn(4, 16)], alpha=1.5)
+
+
+def test_smoothquant_search_picks_the_alpha_with_least_w8a8_error() -> None:
+    x, ws = _outlier_layer()
+    absmax = x.abs().amax(0)
+    grid = (0.0, 0.5, 0.9)
+    s, alpha = smoothquant_search_scales(x, absmax, ws, grid)
+    assert alpha in grid and torch.equal(s, smoothquant_scales(absmax, ws, alpha))
+
+    def err(a: float) -> float:
+        t = smoothquant_scales(absmax, ws, a)
+        return sum((w8a8_product(x / t, w * t) - x @ w.T).pow(2).sum().item() for w in ws)
+
+    assert err(alpha) == min(err(a) for a in grid)
+    assert err(alpha) < 0.5 * err(0.0)  # flattening the outlier channels pays on this layer
+
+
+def test_awq_for_int8_compute_never_does_worse_than_no_scale() -> None:
+    x, ws = _outlier_layer()
+    spec = QuantSpec(4, 32, False)
+    s = awq_search_scales(x, ws, spec, grid=10, int8_compute=True)
+    assert s.shape == (x.shape[-1],) and torch.isfinite(s).all() and (s > 0).all()
+
+    def err(t: torch.Tensor) -> float:
+        return sum((w8a8_product(x / t, quantize_rtn(w * t, spec, clip_search=False).dequantize()) - x @ w.T)
+                   .pow(2).sum().item() for w in ws)
+
+    assert err(s) <= err(torch.ones_like(s))

@@ -1,8 +1,8 @@
 """Slow tier: quantization on the embedded real models. Skipped with `-m "not slow"`.
 
 MiniLM-L6 through the w8a8-smoothquant recipe, scored in onnxruntime (the artifact) against the float model;
-about a minute on 2 cores. (SmolLM2 W8A8 perplexity, 15.09 in onnxruntime against 14.94 in fp32, is measured by hand:
-``graphpress compress smollm2-135m --recipe w8a8-smoothquant``; too slow for the suite.)
+about a minute on 2 cores. (SmolLM2 perplexities are measured by ``bash tools/run_benchmarks.sh`` into
+BENCHMARKS.md; too slow for the suite.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_smollm2_w4_artifact_is_packed_and_small(tmp_path: Path) -> None:
     src = resolve_source("smollm2-135m")
     recipe = load_recipe("w4-rtn")
     program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
-    out, records = run_pipeline(program, recipe.passes)
+    out, records = run_pipeline(program, recipe.passes, calibration=calibration_batches(src, recipe))
     assert {r.name: r.stats for r in records}["rtn"]["quantized"] == 120  # 30 x (qkv, o, gate_up, down)
     exported = export_onnx(out, tmp_path / "model.onnx")  # checked against the torch program in onnxruntime
     assert exported.lowered == {"graphpress.matmul_nbits.default": 121, "graphpress.gather_nbits.default": 1}

@@ -98,14 +98,18 @@ def _int8_matmul(x, qweight, scales, bias):  # noqa: ANN001, ANN202
 def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
     """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
 
-    Measured here (AMD EPYC, 2 cores with AVX-512 VNNI, onnxruntime 1.32; ``tools/bench_w8a8.py`` and
-    single-op sessions), x [1, 128, K] @ W^T, ms, 2 threads, median of 50:
+    Measured here (AMD EPYC, 2 cores with AVX-512 VNNI, onnxruntime 1.32), single-op sessions, x [1, 128, K] @ W^T,
+    ms, 2 threads, median of 30-50 runs (``tools/bench_w8a8.py`` compares the same options, interleaved):
 
-        K x N         fp32 MatMul   MatMulNBits 8b acc4   DynamicQuantizeMatMul   this rule   per-token by
-                                    (block 128)           (per-tensor x)                      standard ops
-        576 x 3072       1.02         0.88                  0.31                   0.35        ~0.6
-        1536 x 576       0.51         0.37                  0.16                   0.21        ~0.45
-        576 x 49152     19.9         13.7                   6.2                    ~6.6
+        K x N         fp32 MatMul   MatMulNBits 8b acc4   DynamicQuantizeMatMul   this rule
+                                    (block 128)           (per-tensor x)
+        576 x 3072       1.04         0.88                  0.31                   0.35
+        1536 x 576       0.52         0.37                  0.16                   0.21
+        576 x 49152     19.9         13.7                   6.2                     -
+
+    The previous lowering, per-token codes by standard ops (Abs, ReduceMax, Div, Round, Add, Cast) into
+    MatMulInteger, measured 1.3-1.45x DynamicQuantizeMatMul's time per op and cost more than the integer
+    matmuls in the whole model (profile in BENCHMARKS.md).
 
     DynamicQuantizeMatMul alone quantizes x per tensor (uint8 asymmetric): one loud token costs every row,
     and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with per-token scales (fp32

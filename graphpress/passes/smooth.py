@@ -122,14 +122,20 @@ def embedding_tie(gm: fx.GraphModule, weight: fx.Node) -> list[fx.Node] | None:
 
 def _unscale_embedding(gm: fx.GraphModule, emb: fx.Node, s64: torch.Tensor) -> None:
     """mul(embedding(E * s, ids), 1 / s): the rows an embedding returns stay those of E."""
-    dtype = emb.meta["val"].dtype
-    target = graph.free_target(gm, graph.module_name(emb.args[0].target) + ".output_scale")
-    inv = graph.new_get_attr(gm, target, (1 / s64).to(dtype), before=emb)
     with gm.graph.inserting_after(emb):
-        mul = gm.graph.call_function(aten.mul.Tensor, (emb, inv))
-    mul.meta = {k: v for k, v in emb.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    graph.infer_val(mul)
+        mul = _mul_by(gm, emb, 1 / s64, graph.module_name(emb.args[0].target) + ".output_scale", emb, emb)
     emb.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+
+
+def _mul_by(gm: fx.GraphModule, x: fx.Node, factor: torch.Tensor, name: str, before: fx.Node,
+            meta_from: fx.Node) -> fx.Node:
+    """mul(x, factor) at the graph's insertion point, factor a new buffer-like parameter named after ``name``;
+    the node takes ``meta_from``'s module stack, so that calibration streams keep it in that block."""
+    inv = graph.new_get_attr(gm, graph.free_target(gm, name), factor.to(x.meta["val"].dtype), before=before)
+    mul = gm.graph.call_function(aten.mul.Tensor, (x, inv))
+    mul.meta = {k: v for k, v in meta_from.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    graph.infer_val(mul)
+    return mul
 
 
 def _real_users(node: fx.Node) -> list[fx.Node]:
@@ -201,14 +207,8 @@ def _last_dim(node: object) -> int | None:
 def _insert_mul(gm: fx.GraphModule, x: fx.Node, linears: list[fx.Node], s64: torch.Tensor) -> fx.Node:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first = min(linears, key=order.__getitem__)
-    dtype = x.meta["val"].dtype
-    target = graph.free_target(gm, graph.module_name(first.args[1].target) + ".input_scale")
-    inv = graph.new_get_attr(gm, target, (1 / s64).to(dtype), before=first)
     with gm.graph.inserting_before(first):
-        mul = gm.graph.call_function(aten.mul.Tensor, (x, inv))
-    # the block's module stack, so that calibration streams keep the mul inside the block
-    mul.meta = {k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    graph.infer_val(mul)
+        mul = _mul_by(gm, x, 1 / s64, graph.module_name(first.args[1].target) + ".input_scale", first, first)
     for lin in linears:
         lin.args = (mul, *lin.args[1:])
     return mul

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 G=.venv/bin/graphpress
-RECIPES=${*:-w4-rtn w4-gptq w4-awq w4-awq-gptq w8-rtn w8a8-smoothquant}
+RECIPES=${*:-w8a8-smoothquant w4-awq-gptq w4-gptq w4-rtn w4-awq w8-rtn}
 for r in exact $RECIPES; do
   if [ ! -f "$OUT/$r/model.onnx" ]; then
     /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$r" 2> "$OUT/$r.log"

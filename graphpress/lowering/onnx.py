@@ -123,14 +123,15 @@ def _keep_packed(node: onnx_ir.Node) -> bool | None:
 def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
     """Shrink the file without changing a single output bit.
 
-    - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM) and the
-      intermediate value_info;
+    - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM), the node
+      names (optional in ONNX; ~0.2 MB over the ~6,000 nodes of a W4 SmolLM2) and the intermediate value_info;
     - store float32 initializers whose every value is exactly a float16 (quantization scales, which the
       quantizers round so) as float16 plus a Cast, which onnxruntime folds back at session start.
     """
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+        node.name = ""
     del model.graph.value_info[:]  # intermediate shape annotations: onnxruntime infers its own
     casts = []
     for init in model.graph.initializer:

@@ -24,7 +24,7 @@ def symmetric_int8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize along the last dim; returns (int8 codes like v, scale v.shape[:-1]). No checks: traceable."""
     v = v.float()
     scale = v.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, 1.0)  # a scalar: traced by a lowering rule, one constant, not [N] ones
     q = torch.round(v / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 

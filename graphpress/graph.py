@@ -103,6 +103,14 @@ def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def last_dim(node: object) -> int | None:
+    """The static size of the last dimension of a node's ``meta["val"]``, else None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[-1], int):
+        return val.shape[-1]
+    return None
+
+
 def infer_val(node: fx.Node) -> object:
     """Set ``node.meta["val"]`` by running its target on its inputs' ``meta["val"]`` under their fake mode.
 

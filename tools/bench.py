@@ -60,7 +60,9 @@ def latencies(paths: list[Path], feeds: list[dict[str, np.ndarray]], threads: in
     return [{"median_ms": statistics.median(t), "min_ms": min(t), "runs": runs, "threads": threads} for t in times]
 
 
-def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]) -> dict[str, Any]:
+def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]
+            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Size and quality of one artifact, and the batch its latency is measured on."""
     path = onnx_path(artifact)
     meta = onnx_metadata(path)
     source = meta.get("source") or sys.exit(f"bench: {path} names no source model (not written by graphpress)")
@@ -74,13 +76,13 @@ def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]) ->
     if src.kind == "encoder":
         feed["attention_mask"] = np.ones_like(feed["input_ids"])
     result: dict[str, Any] = {"artifact": artifact, "model": src.name, "recipe": meta.get("recipe", "?"),
-                              "bytes": file_bytes(path), "path": path, "feed": feed}
+                              "bytes": file_bytes(path)}
     if not args.no_quality:
         reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
         quality = ev.evaluate(src.kind, ort_forward(path, args.eval_threads), src.tokenizer, reference)
         result["quality"] = quality.to_json()
-    print(json.dumps(clean_json({k: v for k, v in result.items() if k != "feed"}), default=str), file=sys.stderr)
-    return result
+    print(json.dumps(clean_json(result)), file=sys.stderr)
+    return result, feed
 
 
 def markdown_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
@@ -127,13 +129,13 @@ def main() -> None:
         sys.exit("bench: --runs must be at least 10")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     sources: dict[str, Any] = {}
-    reference = measure(args.reference, args, sources)
-    rows = [measure(a, args, sources) for a in args.artifacts]
-    everything = [reference, *rows]
-    timed = latencies([r.pop("path") for r in everything], [r.pop("feed") for r in everything], args.threads,
-                      args.runs, args.warmup)
+    measured = [measure(a, args, sources) for a in [args.reference, *args.artifacts]]
+    everything = [r for r, _ in measured]
+    timed = latencies([onnx_path(r["artifact"]) for r in everything], [feed for _, feed in measured],
+                      args.threads, args.runs, args.warmup)
     for r, latency in zip(everything, timed, strict=True):
         r["latency"] = latency
+    reference, rows = everything[0], everything[1:]
     for r in rows:
         r["latency_vs_reference"] = r["latency"]["median_ms"] / reference["latency"]["median_ms"]
         r["bytes_vs_reference"] = r["bytes"] / reference["bytes"]

@@ -85,7 +85,7 @@ def matmul_nbits_reference(
     kernel: str = "nbits",
 ) -> torch.Tensor:
     if kernel == "int8":
-        q, s = symmetric_int8_rows(dequantize_nbits(qweight, scales, zeros, K, bits, block_size).float())
+        q, s = symmetric_int8_rows(dequantize_nbits(qweight, scales, zeros, K, bits, block_size))
         return matmul_w8a8_reference(x, q.T, s, bias)
     if kernel != "nbits":
         raise ValueError(f"matmul_nbits kernel must be one of {KERNELS}, not {kernel!r}")

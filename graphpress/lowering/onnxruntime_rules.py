@@ -45,7 +45,7 @@ def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
             # folds them into one int8 [K, N] initializer at session start; the file keeps the packed codes
             w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size)  # [N, K]
             q, s = symmetric_int8_rows(w)
-            return _int8_matmul(x, q.T, s, bias)
+            return _matmul_w8a8_rule(x, q.T, s, bias)
         accuracy_level = accuracy_level if override is None else override
         inputs = [x, qweight, scales, None if zeros is None else zeros]
         if bias is not None:
@@ -85,16 +85,6 @@ def _gather_nbits_rule(qweight, scales, zeros, indices, bits, block_size, hidden
     )
 
 
-def _int8_matmul(x, qweight, scales, bias):  # noqa: ANN001, ANN202
-    """x @ (qweight [K, N] int8 * scales [N]) with per-token int8 x: the math of matmul_w8a8_reference."""
-    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
-    y = torch.onnx.ops.symbolic(
-        f"{MS}::DynamicQuantizeMatMul", [x / rows, qweight, scales], dtype=x.dtype,
-        shape=[*x.shape[:-1], qweight.shape[1]], version=1,
-    ) * rows
-    return y + bias if bias is not None else y
-
-
 def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
     """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
 
@@ -118,7 +108,12 @@ def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
     VNNI, MLAS's u8 x s8 kernel on AVX2 can saturate int16 pair sums (onnxruntime's documented reduce_range
     issue), where onnxruntime would drift from the reference.
     """
-    return _int8_matmul(x, qweight, scales, bias)
+    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
+    y = torch.onnx.ops.symbolic(
+        f"{MS}::DynamicQuantizeMatMul", [x / rows, qweight, scales], dtype=x.dtype,
+        shape=[*x.shape[:-1], qweight.shape[1]], version=1,
+    ) * rows
+    return y + bias if bias is not None else y
 
 
 # export-check floors (SQNR of the whole model's output, onnxruntime against the torch program). With int8

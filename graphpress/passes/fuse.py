@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
-from graphpress.graph import get_tensor, infer_val, is_op
+from graphpress.graph import get_tensor, infer_val, is_op, last_dim
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult
 
 aten = torch.ops.aten
@@ -32,11 +32,6 @@ aten = torch.ops.aten
 
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
     return list(node.users) == [user]
-
-
-def _last_dim(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    return val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[-1], int) else None
 
 
 def _is_mean_of_squares(mean: fx.Node, x: fx.Node) -> bool:
@@ -106,7 +101,7 @@ class FuseRMSNorm(Pass):
 
 
 def _fuse_norm(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, eps: float) -> None:
-    h = _last_dim(x)
+    h = last_dim(x)
     if h is None:
         raise PassError(f"fuse_rms_norm: {mul.name} normalizes a last dimension of unknown size")
     # a following multiply by a [H] weight becomes the norm's weight
@@ -138,7 +133,7 @@ def _rotate_half_of(node: object) -> fx.Node | None:
     x = low.args[0]
     if high.args[0] is not x or not isinstance(x, fx.Node) or "val" not in x.meta:
         return None
-    nd, d = x.meta["val"].dim(), _last_dim(x)
+    nd, d = x.meta["val"].dim(), last_dim(x)
     if d is None or d % 2 or dim not in (-1, nd - 1):
         return None
 

@@ -35,7 +35,7 @@ from torch import fx
 
 from graphpress import graph
 from graphpress.calibration import BlockStream, Part, linear_weights
-from graphpress.graph import aten, is_op
+from graphpress.graph import aten, is_op, last_dim
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, selected_linears
 from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, smoothquant_search_scales, subsample_rows
@@ -169,10 +169,10 @@ def _absorbers(gm: fx.GraphModule, x: fx.Node, group: set[fx.Node], k: int) -> l
     if is_op(node, aten.mul.Tensor) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
         for p, other in (node.args, node.args[::-1]):
             t = graph.get_tensor(gm, p)
-            if t is not None and t.dim() == 1 and t.numel() == k and _last_dim(other) == k and not graph.is_shared(gm, p):
+            if t is not None and t.dim() == 1 and t.numel() == k and last_dim(other) == k and not graph.is_shared(gm, p):
                 return [(p.target, False)]
         for p, other in (node.args, node.args[::-1]):
-            if p is not other and _last_dim(p) == k and _real_users(p) == [node]:
+            if p is not other and last_dim(p) == k and _real_users(p) == [node]:
                 found = _linear_rows(gm, p)
                 if found is not None:
                     return found
@@ -197,11 +197,6 @@ def _linear_rows(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, bool]] | 
     if any(graph.get_tensor(gm, a) is None or graph.is_shared(gm, a) for a in params):
         return None
     return [(a.target, a is node.args[1]) for a in params]
-
-
-def _last_dim(node: object) -> int | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() else None
 
 
 def _insert_mul(gm: fx.GraphModule, x: fx.Node, linears: list[fx.Node], s64: torch.Tensor) -> fx.Node:

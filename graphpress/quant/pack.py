@@ -124,13 +124,20 @@ def unpack_matmulnbits(p: MatMulNBitsWeight) -> QuantizedWeight:
     """MatMulNBits inputs -> QuantizedWeight with group_size = block_size (symmetric iff no zero points)."""
     n, k_blocks, _ = p.B.shape
     codes = unpack_bits(p.B, p.bits, p.block_size).reshape(n, k_blocks * p.block_size)
-    if p.zero_points is None:
-        zeros = np.full((n, k_blocks), 1 << (p.bits - 1), np.uint8)
+    return _from_blocks(codes, p.scales, p.zero_points, p.bits, p.block_size, p.K)
+
+
+def _from_blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                 block_size: int, k: int) -> QuantizedWeight:
+    """Unpacked codes [rows, >= K], scales [rows, blocks] and packed zero points -> QuantizedWeight."""
+    rows, n_blocks = scales.shape
+    if zero_points is None:
+        zeros = np.full((rows, n_blocks), 1 << (bits - 1), np.uint8)
     else:
-        zeros = unpack_bits(p.zero_points, p.bits, k_blocks)
-    spec = QuantSpec(p.bits, p.block_size, symmetric=p.zero_points is None)
-    return QuantizedWeight.from_codes(torch.from_numpy(codes), torch.from_numpy(p.scales.astype(np.float32)),
-                                      torch.from_numpy(zeros), spec, p.K)
+        zeros = unpack_bits(zero_points, bits, n_blocks)
+    spec = QuantSpec(bits, block_size, symmetric=zero_points is None)
+    return QuantizedWeight.from_codes(torch.from_numpy(codes), torch.from_numpy(scales.astype(np.float32)),
+                                      torch.from_numpy(zeros), spec, k)
 
 
 @dataclass(frozen=True)
@@ -165,12 +172,5 @@ def pack_gather_block_quantized(
 
 
 def unpack_gather_block_quantized(p: GatherBlockQuantizedWeight) -> QuantizedWeight:
-    v, n_blocks = p.scales.shape
-    codes = unpack_bits(p.data, p.bits, p.hidden)
-    if p.zero_points is None:
-        zeros = np.full((v, n_blocks), 1 << (p.bits - 1), np.uint8)
-    else:
-        zeros = unpack_bits(p.zero_points, p.bits, n_blocks)
-    spec = QuantSpec(p.bits, p.block_size, symmetric=p.zero_points is None)
-    return QuantizedWeight.from_codes(torch.from_numpy(codes), torch.from_numpy(p.scales.astype(np.float32)),
-                                      torch.from_numpy(zeros), spec, p.hidden)
+    return _from_blocks(unpack_bits(p.data, p.bits, p.hidden), p.scales, p.zero_points, p.bits, p.block_size,
+                        p.hidden)

@@ -68,26 +68,24 @@ def awq_search_scales(
     mean_abs = x.abs().mean(0)  # [K]
     # the error needs x only through x^T x; use whichever of x, x^T x is smaller
     gram = x.T @ x if x.shape[0] > k and not int8_compute else None  # [K, K]
-    refs: dict[int, torch.Tensor] = {}
 
-    def error(w: torch.Tensor, s: torch.Tensor) -> float:
-        if int8_compute:
-            return (w8a8_product(x / s, quantize_rtn(w * s, spec, clip_search=False).dequantize())
-                    - refs[id(w)]).double().pow(2).sum().item()
+    def error(w: torch.Tensor, ref: torch.Tensor | None, s: torch.Tensor) -> float:
+        if ref is not None:  # int8_compute: the product as the kernel computes it, against the float one
+            return (w8a8_product(x / s, quantize_rtn(w * s, spec, clip_search=False).dequantize()) - ref) \
+                .double().pow(2).sum().item()
         e = quantize_rtn(w * s, spec, clip_search=False).dequantize() / s - w  # [N, K]
         if gram is None:
             return (x @ e.T).double().pow(2).sum().item()
         return ((e @ gram) * e).double().sum().item()
 
     ws = [w.float() for w in weights]
-    if int8_compute:
-        refs = {id(w): x @ w.T for w in ws}
+    refs = [x @ w.T if int8_compute else None for w in ws]
     best_s, best_err = torch.ones(k, device=x.device), float("inf")
     for i in range(grid):
         alpha = i / grid
         s = mean_abs.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(error(w, s) for w in ws)
+        err = sum(error(w, ref, s) for w, ref in zip(ws, refs, strict=True))
         if err < best_err:
             best_s, best_err = s, err
     return best_s

@@ -3,7 +3,7 @@
 For each artifact (an .onnx file or a `graphpress compress` output directory): quality on the evaluation
 protocol (perplexity for causal LMs, cosine similarity for encoders) in onnxruntime, file size (with external
 data), and onnxruntime latency — batch 1, 128 tokens, N threads, median of R runs after W warm-up runs, the
-runs of all artifacts interleaved round by round so that the machine's slow spells fall on all of them alike.
+runs taken in rounds, the artifacts in turn, one session alive at a time (see ``latencies``).
 Writes JSON and replaces the table between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in a Markdown file.
 
     python tools/bench.py --reference out/fp32 out/w4 out/w8a8 --name smollm2 --json bench.json \
@@ -42,22 +42,30 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+ROUNDS = 4
+
+
 def latencies(paths: list[Path], feeds: list[dict[str, np.ndarray]], threads: int, runs: int,
               warmup: int) -> list[dict[str, float]]:
-    """Latency of every artifact, interleaved: each round runs every session once (starting one further along
-    each round), so a slow spell of the machine falls on all artifacts alike and ratios stay fair."""
-    sessions = [ort_session(p, threads) for p in paths]
-    for s, feed in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for r in range(runs):
-        for k in range(len(sessions)):
-            i = (r + k) % len(sessions)
-            t = time.perf_counter()
-            sessions[i].run(None, feeds[i])
-            times[i].append((time.perf_counter() - t) * 1e3)
-    return [{"median_ms": statistics.median(t), "min_ms": min(t), "runs": runs, "threads": threads} for t in times]
+    """Latency of every artifact in ROUNDS rounds of runs / ROUNDS timed runs each, artifacts in turn, so that
+    a slow spell of the machine falls on all of them alike. Only one session lives at a time: onnxruntime's
+    worker threads spin after a run, and an idle session's spinning threads measured 0.43x -> 0.55x on the
+    2-core machine when sessions were interleaved run by run."""
+    times: list[list[float]] = [[] for _ in paths]
+    per_round = -(-runs // ROUNDS)
+    for r in range(ROUNDS):
+        for k in range(len(paths)):
+            i = (r + k) % len(paths)
+            session = ort_session(paths[i], threads)
+            for _ in range(warmup):
+                session.run(None, feeds[i])
+            for _ in range(per_round):
+                t = time.perf_counter()
+                session.run(None, feeds[i])
+                times[i].append((time.perf_counter() - t) * 1e3)
+            del session
+    return [{"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t), "threads": threads}
+            for t in times]
 
 
 def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]
@@ -150,7 +158,8 @@ def main() -> None:
     if args.markdown:
         note = (f"Measured by `python tools/bench.py` on {report['machine']['cpus']} CPUs "
                 f"({report['machine']['platform']}); latency: batch 1, {args.tokens} tokens, {args.threads} "
-                f"threads, median of {args.runs} runs after {args.warmup} warm-up runs, interleaved across artifacts.")
+                f"threads, median of {args.runs} runs in {ROUNDS} rounds across artifacts, {args.warmup} warm-up runs per "
+                f"round, one session alive at a time.")
         update_markdown(args.markdown, args.name, f"{note}\n\n{table}")
 
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 G=.venv/bin/graphpress
-RECIPES=${*:-w8a8-smoothquant w4-awq-gptq w4-gptq w4-rtn w4-awq w8-rtn}
+RECIPES=${*:-w4-awq-gptq w4-gptq w8a8-smoothquant w4-rtn w4-awq w8-rtn}
 for r in exact $RECIPES; do
   if [ ! -f "$OUT/$r/model.onnx" ]; then
     /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$r" 2> "$OUT/$r.log"
@@ -24,6 +24,6 @@ fi
 artifacts=()
 for r in $RECIPES; do artifacts+=("$OUT/$r"); done
 .venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2 \
-  --json "$OUT/bench-smollm2.json" --markdown BENCHMARKS.md
+  --runs 40 --json "$OUT/bench-smollm2.json" --markdown BENCHMARKS.md
 .venv/bin/python tools/bench.py --reference "$OUT/minilm-exact" "$OUT/minilm-w8a8" --name minilm \
-  --json "$OUT/bench-minilm.json" --markdown BENCHMARKS.md
+  --runs 40 --json "$OUT/bench-minilm.json" --markdown BENCHMARKS.md

@@ -62,3 +62,42 @@ def test_stream_stops_after_the_last_wanted_part_and_drops_its_outputs() -> None
     stream.run(on_part, weights={"model.layers.0.mlp.down_proj.weight"})
     assert seen == ["prefix", "model.layers.0"]  # layer 1 and the head (logits) never run
     assert outputs["model.layers.0"] == [None]
+
+
+def test_reference_stream_keeps_the_program_as_it_was_before_rewrites() -> None:
+    program = capture_tiny("llama")
+    batches = [tuple(x[i : i + 1] for x in program.example_inputs) for i in range(2)]
+    float_inputs: dict[str, list[torch.Tensor]] = {}
+    gaps: list[float] = []
+    outputs: dict[str, list] = {}
+
+    def on_part(part, forward) -> None:  # noqa: ANN001
+        def observe(w: str, x: torch.Tensor, x_ref: torch.Tensor) -> None:
+            float_inputs.setdefault(w, []).append(x_ref)
+            gaps.append((x - x_ref).abs().max().item())
+
+        if part.name.startswith("model.layers."):
+            forward(observe, paired=True)
+            with torch.no_grad():  # rewrite the block after its paired run: only the main stream sees it
+                for _, w in linear_weights(part):
+                    program.gm.get_parameter(w).mul_(0.5)
+        outputs[part.name] = forward(None)
+
+    original = capture_tiny("llama")
+    BlockStream(program.gm, batches).run(on_part, reference=True)
+    # the first block's inputs agree, later ones differ: the main stream carries the rewritten block 0
+    assert gaps[0] == 0 and max(gaps) > 0
+    # the reference stream's inputs are those of the unmodified program
+    seen: dict[str, list[torch.Tensor]] = {}
+    BlockStream(original.gm, batches).run(
+        lambda part, forward: forward(lambda w, x: seen.setdefault(w, []).append(x)))
+    for w, xs in float_inputs.items():
+        for a, b in zip(xs, seen[w], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_paired_forward_needs_the_reference_stream() -> None:
+    program = capture_tiny("llama")
+    with pytest.raises(ValueError, match="reference=True"):
+        BlockStream(program.gm, [program.example_inputs]).run(
+            lambda part, forward: forward(lambda w, x, r: None, paired=True))

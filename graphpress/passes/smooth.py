@@ -38,7 +38,12 @@ from graphpress.calibration import BlockStream, Part, linear_weights
 from graphpress.graph import aten, is_op, last_dim
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, selected_linears
-from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, smoothquant_search_scales, subsample_rows
+from graphpress.quant.scaling import (
+    awq_search_scales,
+    smoothquant_scales,
+    smoothquant_search_scales,
+    subsample_rows,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from graphpress.kernels.matmul_nbits import KERNELS  # also defines torch.ops.graphpress.matmul_nbits
 from graphpress.graph import aliases, cleanup, get_tensor, is_op, is_shared, module_name, new_get_attr
+from graphpress.kernels.matmul_nbits import KERNELS  # also defines torch.ops.graphpress.matmul_nbits
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.quant.pack import pack_matmulnbits
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec

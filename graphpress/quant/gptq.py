@@ -46,6 +46,42 @@ def hessian_accumulate(
     return H, n
 
 
+def cross_accumulate(
+    G: torch.Tensor | None, n: int, x: torch.Tensor, x_ref: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Running G = 2 / n * sum_t x_t^T x_ref_t [K, K] (in place, like hessian_accumulate): the cross term
+    between a linear's input in the compressed program (x) and in the float one (x_ref), same rows."""
+    k = x.shape[-1]
+    if G is None:
+        G = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+    x, x_ref = x.reshape(-1, k).to(G.dtype), x_ref.reshape(-1, k).to(G.dtype)
+    t = x.shape[0]
+    if t == 0:
+        return G, n
+    if x_ref.shape[0] != t:
+        raise ValueError(f"cross_accumulate: {t} rows of x against {x_ref.shape[0]} of x_ref")
+    G.mul_(n / (n + t))
+    n += t
+    G.addmm_(x.T, x_ref, alpha=2 / n)
+    return G, n
+
+
+def float_target(w: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The float weight that, on the compressed program's inputs X, best reproduces the float layer on its
+    own float inputs X_ref: argmin_V ||X_ref W^T - X V^T||^2 = W G^T (H + damp)^-1, with H = 2 X^T X / T and
+    G = 2 X^T X_ref / T. GPTQ of this V under H minimizes ||X_ref W^T - X Q^T|| (asymmetric calibration,
+    GPTAQ, arXiv:2504.02692): it also undoes the error that the quantized layers before this one left in X.
+    """
+    k = H.shape[0]
+    Hd = H.double().clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1
+    Hd += damp * torch.diagonal(Hd).mean() * torch.eye(k, dtype=Hd.dtype, device=Hd.device)
+    rhs = G.double() @ w.double().T  # [K, N] = X^T X_ref W^T (times 2 / T)
+    v = torch.linalg.solve(Hd, rhs).T
+    return v.to(w.dtype)
+
+
 def _params(w: torch.Tensor, spec: QuantSpec, clip_search: bool, gram: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, c] (one group's real columns) -> scale, zero [N].

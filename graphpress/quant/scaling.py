@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from graphpress.quant.int8 import quantize_rows_uint8, symmetric_int8_rows
+from graphpress.quant.int8 import fake_quantize_rows, symmetric_int8_rows
 from graphpress.quant.qweight import QuantSpec, check_weight
 from graphpress.quant.rtn import quantize_rtn
 
@@ -105,10 +105,8 @@ def smoothquant_scales(
 
 def w8a8_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ w [N, K]^T with both rounded as the W8A8 kernels round them (per-token / per-channel int8)."""
-    codes, scale, zero, rows = quantize_rows_uint8(x)
-    xq = (codes.float() - zero.float()) * scale * rows[:, None]
     wq, ws = symmetric_int8_rows(w)
-    return xq @ (wq.float() * ws[:, None]).T
+    return fake_quantize_rows(x) @ (wq.float() * ws[:, None]).T
 
 
 @torch.no_grad()

@@ -122,10 +122,9 @@ def gptq_quantize(
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     Wt[dead] = 0
-    lam = damp * torch.diagonal(H).mean()
+    damping = damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)  # lambda I
     if ridge:  # V^T = (H + lambda I)^-1 H W^T
-        damped = H + lam * torch.eye(k, dtype=H.dtype, device=H.device)
-        Wt = torch.linalg.solve(damped, H @ Wt.double()).float()
+        Wt = torch.linalg.solve(H + damping, H @ Wt.double()).float()
 
     dev = w.device
     scales = torch.empty(n_groups, n, device=dev)  # [G, N] during the run
@@ -141,7 +140,7 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(H), descending=True)
         Wt, H, grp = Wt[perm], H[perm][:, perm], grp[perm]
 
-    H += lam * torch.eye(k, dtype=H.dtype, device=dev)
+    H += damping  # lambda I is unchanged by the permutation
     U = _inverse_cholesky_upper(H, damp)  # [K, K] upper, U^T U = H^-1
 
     dynamic = grouped and not static

@@ -71,8 +71,7 @@ def awq_search_scales(
 
     def error(w: torch.Tensor, ref: torch.Tensor | None, s: torch.Tensor) -> float:
         if ref is not None:  # int8_compute: the product as the kernel computes it, against the float one
-            return (w8a8_product(x / s, quantize_rtn(w * s, spec, clip_search=False).dequantize()) - ref) \
-                .double().pow(2).sum().item()
+            return w8a8_error(x / s, quantize_rtn(w * s, spec, clip_search=False).dequantize(), ref)
         e = quantize_rtn(w * s, spec, clip_search=False).dequantize() / s - w  # [N, K]
         if gram is None:
             return (x @ e.T).double().pow(2).sum().item()
@@ -109,6 +108,11 @@ def w8a8_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return fake_quantize_rows(x) @ (wq.float() * ws[:, None]).T
 
 
+def w8a8_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> float:
+    """||w8a8_product(x, w) - ref||^2: what the scale searches minimize."""
+    return (w8a8_product(x, w) - ref).double().pow(2).sum().item()
+
+
 @torch.no_grad()
 def smoothquant_search_scales(
     x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor],
@@ -123,7 +127,7 @@ def smoothquant_search_scales(
     best: tuple[float, torch.Tensor, float] | None = None
     for alpha in alphas:
         s = smoothquant_scales(act_absmax, ws, alpha)
-        err = sum((w8a8_product(x / s, w * s) - ref).double().pow(2).sum().item() for w, ref in zip(ws, refs, strict=True))
+        err = sum(w8a8_error(x / s, w * s, ref) for w, ref in zip(ws, refs, strict=True))
         if best is None or err < best[0]:
             best = (err, s, alpha)
     assert best is not None

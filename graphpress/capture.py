@@ -1,9 +1,10 @@
 """Capture: nn.Module -> Program (an fx.GraphModule through non-strict ``torch.export``).
 
 Hugging Face models are captured with the KV cache off and one tensor out: ``logits`` for causal LMs,
-``last_hidden_state`` for encoders. The capture goes through a view of the user's model whose class only
-overrides ``forward``; the view shares the parameters, so qualified names stay the model's own
-(``model.layers.0.self_attn.q_proj.weight``) and the user's model is never modified.
+``last_hidden_state`` for encoders; other modules with every tensor they return. The capture goes through a
+view of the user's model whose class only overrides ``forward``; the view shares the parameters, so
+qualified names stay the model's own (``model.layers.0.self_attn.q_proj.weight``) and the user's model is
+never modified.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import logging
 import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from graphpress.errors import describe, one_line
 from graphpress.program import Program
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,7 @@ class CaptureError(RuntimeError):
 
 def capture(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    example_inputs: Sequence[Any] | Mapping[str, Any],
     *,
     dynamic_dims: Sequence[Mapping[int, str]] | None = None,
     name: str | None = None,
@@ -39,34 +43,38 @@ def capture(
 ) -> Program:
     """Capture ``model`` as a Program.
 
-    example_inputs: positional tensors, or a mapping input name -> tensor (Hugging Face models take
-    ``input_ids`` and, for encoders, ``attention_mask``).
-    dynamic_dims: per input, {dim: name} of dynamic dimensions. Default: Hugging Face models get
-    {0: "batch", 1: "seq"} on every input; other modules {0: "batch"} on every tensor input.
+    example_inputs: positional values, or a mapping input name -> value, as ``model.forward`` takes them.
+    Tensors become the program's inputs; other values (floats, flags, None) are constants of the program.
+    dynamic_dims: per tensor input, {dim: name} of dynamic dimensions. Default: Hugging Face models get
+    {0: "batch", 1: "seq"} on every input; other modules {0: "batch"} on every tensor input. A dynamic
+    dimension of size 1 in the example (a batch of one sentence) is widened to 2 for the trace, since
+    torch.export specializes size 1; the program and its ONNX export stay dynamic there.
+    Outputs: ``logits`` (causal LMs) or ``last_hidden_state`` (encoders) for Hugging Face models; else every
+    tensor the forward returns, flattened (``output``, or ``output_0, output_1, ...``; a dict's keys).
     """
-    if isinstance(example_inputs, Mapping):
-        input_names = tuple(example_inputs)
-        inputs = tuple(example_inputs[k] for k in input_names)
-    else:
-        inputs = tuple(example_inputs)
-        input_names = _positional_names(model, len(inputs))
+    name = name or type(model).__name__
+    named = _bind_inputs(model, example_inputs, name)
+    input_names = tuple(k for k, v in named.items() if isinstance(v, torch.Tensor))
+    constants = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
+    if not input_names:
+        raise CaptureError(f"cannot capture {name}: its example inputs hold no tensor; pass at least one tensor")
     hf_kind = _hf_kind(model)
     kind = kind or hf_kind or "module"
-    name = name or type(model).__name__
     if dynamic_dims is None:
         default = {0: "batch", 1: "seq"} if hf_kind else {0: "batch"}
-        dynamic_dims = tuple(dict(default) if isinstance(t, torch.Tensor) else {} for t in inputs)
+        dynamic_dims = tuple({d: n for d, n in default.items() if d < named[k].dim()} for k in input_names)
     dynamic_dims = tuple(dict(d) for d in dynamic_dims)
-    if len(dynamic_dims) != len(inputs):
-        raise ValueError(f"dynamic_dims has {len(dynamic_dims)} entries for {len(inputs)} inputs of {name}")
+    if len(dynamic_dims) != len(input_names):
+        raise ValueError(f"dynamic_dims has {len(dynamic_dims)} entries for {len(input_names)} tensor inputs of {name}")
+    inputs = tuple(_widen(named[k], dims) for k, dims in zip(input_names, dynamic_dims, strict=True))
 
-    view, output_names = (_hf_view(model, hf_kind, input_names) if hf_kind else (model, ("output",)))
-    shapes = tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in dynamic_dims)
     was_training = model.training
     model.eval()
     try:
-        # torch.export prints the partial graph of a failed trace to stderr: keep it for --verbose only
-        with _module_tracker(model) as active, contextlib.redirect_stderr(io.StringIO()) as err:
+        with _module_tracker(model) as active, _quiet_torch(), contextlib.redirect_stderr(io.StringIO()) as err:
+            output_names, flatten = _outputs(model, hf_kind, input_names, inputs, constants, name, active)
+            view = _view(model, input_names, constants, flatten)
+            shapes = tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in dynamic_dims)
             try:
                 ep = torch.export.export(view, inputs, dynamic_shapes=shapes, strict=False)
             except Exception as e:  # torch.export raises many types; all become one actionable error
@@ -87,13 +95,60 @@ def capture(
     )
 
 
-def _positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
-    """The forward's own parameter names, when it has that many plain ones; else input_0, input_1, ..."""
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) >= n:
-        return tuple(p.name for p in params[:n])
-    return tuple(f"input_{i}" for i in range(n))
+def _bind_inputs(model: nn.Module, example_inputs: Any, name: str) -> dict[str, Any]:
+    """Example inputs by parameter name of ``model.forward`` (positional ones bound to the signature)."""
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(f"cannot capture {name}: example inputs must be a tuple of positional inputs or a "
+                           f"dict of named ones, not {describe(example_inputs)}")
+    try:
+        bound = inspect.signature(model.forward).bind(*example_inputs)
+    except TypeError as e:
+        raise CaptureError(f"cannot capture {name}: its {len(example_inputs)} example inputs do not fit "
+                           f"forward{inspect.signature(model.forward)}: {e}") from e
+    except ValueError:  # no signature (a builtin forward): name them by position
+        return {f"input_{i}": x for i, x in enumerate(example_inputs)}
+    params = inspect.signature(model.forward).parameters
+    if any(params[k].kind is inspect.Parameter.VAR_POSITIONAL for k in bound.arguments):
+        return {f"input_{i}": x for i, x in enumerate(example_inputs)}
+    return dict(bound.arguments)
+
+
+def _widen(x: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
+    """Repeat ``x`` to size 2 along each dynamic dimension of size 1 (torch.export specializes size 1)."""
+    reps = [2 if d in dims and x.shape[d] == 1 else 1 for d in range(x.dim())]
+    return x.repeat(*reps) if any(r > 1 for r in reps) else x
+
+
+def _outputs(model: nn.Module, hf_kind: str | None, input_names: tuple[str, ...], inputs: tuple[torch.Tensor, ...],
+             constants: dict[str, Any], name: str, active: list[str]) -> tuple[tuple[str, ...], bool]:
+    """Output names, and whether the forward's result is flattened: HF models name one output; other modules
+    are run once eagerly (which also reports a model that fails on its own inputs before any tracing)."""
+    if hf_kind:
+        return ("logits" if hf_kind == "causal-lm" else "last_hidden_state",), False
+    try:
+        with torch.no_grad():
+            out = model(**dict(zip(input_names, inputs, strict=True)), **constants)
+    except Exception as e:
+        raise CaptureError(_explain(name, e, active, "fails on its example inputs")) from e
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    tensors = [(path, v) for path, v in leaves if isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise CaptureError(f"cannot capture {name}: its forward returns no tensor ({describe(out)})")
+    if len(tensors) == 1 and isinstance(out, torch.Tensor):
+        return ("output",), False
+    names = [_leaf_name(path, i) for i, (path, _) in enumerate(tensors)]
+    return tuple(names if len(set(names)) == len(names) else [f"output_{i}" for i in range(len(names))]), True
+
+
+def _leaf_name(path: tuple[Any, ...], index: int) -> str:
+    keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    if keys and all(keys) and not any(isinstance(getattr(k, "idx", None), int) for k in path):
+        return ".".join(keys)
+    return f"output_{index}"
 
 
 def _hf_kind(model: nn.Module) -> str | None:
@@ -106,26 +161,51 @@ def _hf_kind(model: nn.Module) -> str | None:
     return "causal-lm" if model.can_generate() else "encoder"
 
 
-def _hf_view(model: nn.Module, kind: str, input_names: tuple[str, ...]) -> tuple[nn.Module, tuple[str, ...]]:
-    """A shallow view of ``model`` whose forward takes positional tensors and returns one tensor."""
-    cls = type(model)
-    output = "logits" if kind == "causal-lm" else "last_hidden_state"
+def _view(model: nn.Module, input_names: tuple[str, ...], constants: dict[str, Any], flatten: bool) -> nn.Module:
+    """A shallow view of ``model`` whose forward takes the tensor inputs positionally and returns tensors.
 
-    def forward(self: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(input_names, args, strict=True))
-        if kind == "causal-lm":
+    The view shares the model's parameter and submodule dicts, so qualified names and tensors are the
+    model's own, and the model itself is never modified. Constants are bound; Hugging Face models run
+    without a KV cache and return one tensor; other modules return their tensors flattened.
+    """
+    cls = type(model)
+    hf_kind = _hf_kind(model)
+
+    def forward(self: nn.Module, *args: torch.Tensor) -> Any:
+        kwargs = {**dict(zip(input_names, args, strict=True)), **constants}
+        if hf_kind == "causal-lm":
             kwargs["use_cache"] = False
-        return getattr(cls.forward(self, **kwargs), output)
+        out = cls.forward(self, **kwargs)
+        if hf_kind:
+            return out.logits if hf_kind == "causal-lm" else out.last_hidden_state
+        if flatten:
+            return tuple(v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor))
+        return out
 
     # torch.export binds dynamic_shapes to the signature: name the inputs instead of *args
     P = inspect.Parameter
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD) for n in input_names]
     )
-
     view = copy.copy(model)  # shares _parameters/_modules dicts: names and tensors are the model's own
     view.__class__ = type(f"{cls.__name__}Captured", (cls,), {"forward": forward})
-    return view, (output,)
+    return view
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch logs tracebacks of failed fake-tensor ops through its own handler (not sys.stderr): keep them
+    for --verbose only."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -153,15 +233,18 @@ def _module_tracker(model: nn.Module) -> Iterator[list[str]]:
             h.remove()
 
 
-def _explain(name: str, e: BaseException, active: list[str]) -> str:
+def _explain(name: str, e: BaseException, active: list[str], what: str = "") -> str:
     frames = traceback.extract_tb(e.__traceback__)
     torch_dir = os.path.dirname(torch.__file__)
     user = [f for f in frames if not f.filename.startswith(torch_dir) and "graphpress" not in f.filename]
     where = f"{user[-1].filename}:{user[-1].lineno} `{(user[-1].line or '').strip()}`" if user else "unknown line"
     module = active[-1] if active else "the top-level forward"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = one_line(e, 300).rstrip(".") or type(e).__name__
+    if what:
+        return (f"cannot capture {name}: it {what}: {type(e).__name__} in module {module} at {where}: {cause}. "
+                "Check the example inputs' shapes and types against the model's forward.")
     return (
-        f"cannot capture {name}: {type(e).__name__} in module {module} at {where}: {first}. "
+        f"cannot capture {name}: {type(e).__name__} in module {module} at {where}: {cause}. "
         "Try: run the model once in eval mode with these inputs; make data-dependent control flow "
         "static (or use torch.cond); pass fewer dynamic_dims; or capture the submodule that works."
     )

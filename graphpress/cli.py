@@ -4,7 +4,8 @@
     graphpress eval TARGET [--json FILE]
 
 Bad input (unknown model, missing file, unreadable recipe, uncapturable model, occupied output directory,
-too little calibration text) ends with one line on stderr naming what is wrong and what to do, and exit 1.
+too little calibration text) ends with one line on stderr naming what is wrong and what to do, and exit 1
+(a traceback only with --verbose). SIGINT and SIGTERM remove what the run staged (exit 130 / 143).
 """
 
 from __future__ import annotations
@@ -13,32 +14,54 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
+from graphpress.errors import one_line
 from graphpress.models import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger("graphpress")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so staged output is removed."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("graphpress: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
+        print(f"graphpress: interrupted ({what}): nothing was written; what this run had staged is removed",
+              file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
     except Exception as e:  # every failure ends as one actionable line, not a traceback
         if args.verbose:
-            log.exception("failed")
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"graphpress: error: {msg}", file=sys.stderr)
+            traceback.print_exc()
+        print(f"graphpress: error: {one_line(e) or type(e).__name__}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Interrupted()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="graphpress", description="Compress PyTorch models and export ONNX.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    p.add_argument("--version", action="version", version=f"graphpress {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="capture MODEL, run a recipe, export DIR/model.onnx and DIR/report.json")
@@ -54,19 +78,34 @@ def _parser() -> argparse.ArgumentParser:
                         f"returning (module, example_inputs); default {DEFAULT_MODEL}")
     c.add_argument("--recipe", default=None,
                    help=f"named recipe ({', '.join(named_recipes())}) or a YAML file; default: exact passes only")
-    c.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
-    c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--out", required=True, type=Path,
+                   help="output directory: new, empty, or an earlier graphpress output (with --force)")
+    c.add_argument("--force", action="store_true",
+                   help="replace an earlier graphpress output (never a directory holding other files)")
+    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and latency")
     c.add_argument("--no-verify", action="store_true", help="skip the per-pass numerical check")
     c.add_argument("--threads", type=int, default=0, help="onnxruntime threads for evaluation (0: all)")
     c.set_defaults(func=_compress)
 
     e = sub.add_parser("eval", help="evaluate a model name, a model directory or an .onnx file")
-    e.add_argument("target")
-    e.add_argument("--json", type=Path, default=None, help="where to write the JSON result")
+    e.add_argument("target", help="a model name, a Hugging Face directory, a graphpress output directory or "
+                                  "an .onnx file written by graphpress")
+    e.add_argument("--reference", default=None,
+                   help="the uncompressed model (name or directory) when the one recorded in the ONNX file "
+                        "is not there any more")
+    e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
     e.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
     e.set_defaults(func=_eval)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graphpress")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -74,8 +113,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     report = compress(args.model, args.out, args.recipe, evaluate=not args.no_eval, verify=not args.no_verify,
                       force=args.force, threads=args.threads)
-    _summary(report)
-    print(f"wrote {args.out / 'model.onnx'} and {args.out / 'report.json'}")
+    print_summary(report, args.out)
     return 0
 
 
@@ -83,66 +121,135 @@ def _eval(args: argparse.Namespace) -> int:
     from graphpress import evaluation as ev
     from graphpress.compress import clean_json, resolve_source
     from graphpress.lowering.onnx import onnx_metadata, ort_forward
+    from graphpress.models import load_tokenizer
 
     target = args.target
     start = time.perf_counter()
-    if target.endswith(".onnx"):
-        if not Path(target).is_file():
-            raise FileNotFoundError(f"ONNX file {target} does not exist")
-        meta = onnx_metadata(target)
+    onnx_file = _onnx_file(target)
+    if onnx_file is not None:
+        meta = onnx_metadata(onnx_file)
         if "source" not in meta:
-            raise ValueError(f"{target} was not written by graphpress: it names no source model to evaluate against")
-        src = resolve_source(meta["source"])
-        forward = ort_forward(target, args.threads)
-        runtime = "onnxruntime"
+            raise ValueError(f"{onnx_file} was not written by graphpress: it names no source model to evaluate "
+                             "against")
+        kind = meta.get("kind", "module")
+        if kind not in ("causal-lm", "encoder"):
+            raise ValueError(f"{target}: no evaluation protocol for a plain module")
+        tokenizer, _ = load_tokenizer(onnx_file.parent)
+        context = int(meta["context"]) if meta.get("context", "").isdigit() else None
+        reference_model = None
+        if kind == "encoder" or tokenizer is None:
+            ref = args.reference or meta["source"]
+            try:
+                src = resolve_source(ref)
+            except Exception as e:
+                raise ValueError(f"{target} needs its uncompressed model ({'reference' if kind == 'encoder' else 'tokenizer'}), "
+                                 f"but {ref} cannot be loaded ({one_line(e, 160)}): pass --reference MODEL") from e
+            tokenizer = tokenizer or src.tokenizer
+            reference_model, context = src.model, src.context
+        forward = ort_forward(onnx_file, args.threads)
+        runtime, name = "onnxruntime", meta.get("model", onnx_file.stem)
     else:
         src = resolve_source(target)
+        kind, tokenizer, context, reference_model, name = src.kind, src.tokenizer, src.context, src.model, src.name
+        if kind not in ("causal-lm", "encoder"):
+            raise ValueError(f"{target}: no evaluation protocol for a plain module")
+        if tokenizer is None:
+            src.need_text("evaluation")
         forward = ev.torch_forward(src.model, src.kind)
         runtime = "torch"
-    if src.kind not in ("causal-lm", "encoder"):
-        raise ValueError(f"{target}: no evaluation protocol for a plain module")
-    reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
-    result = ev.evaluate(src.kind, forward, src.tokenizer, reference, progress=True).to_json()
-    result = {"target": target, "model": src.name, "runtime": runtime, **result,
+    if tokenizer is None:
+        raise ValueError(f"{target}: evaluation needs text, and no tokenizer was found beside it or its source")
+    reference = ev.torch_forward(reference_model, kind) if kind == "encoder" else None
+    result = ev.evaluate(kind, forward, tokenizer, reference, progress=True, context=context).to_json()
+    result = {"target": target, "model": name, "runtime": runtime, **result,
               "seconds": time.perf_counter() - start}
-    out = args.json or (Path(target).with_suffix(".eval.json") if target.endswith(".onnx")
-                        else Path(f"eval-{src.name}.json"))
-    out.write_text(json.dumps(clean_json(result), indent=2))
-    print(json.dumps(clean_json(result), indent=2))
-    print(f"{result['metric']}: {result['value']:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(clean_json(result), indent=2))
+    shortened = f" (windows shortened to the model's {result['window']} positions)" \
+        if result.get("shortened_from") else ""
+    print(f"{result['metric']}: {result['value']:.4f} ({runtime}){shortened}")
     return 0
 
 
-def _summary(report: dict[str, Any]) -> None:
+def _onnx_file(target: str) -> Path | None:
+    """The ONNX file ``target`` names (a file, or an output directory holding model.onnx), or None."""
+    path = Path(target)
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    if target.endswith(".onnx"):
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX file {target} does not exist")
+        return path
+    return None
+
+
+def print_summary(report: dict[str, Any], out: Path, console: Any = None) -> None:
+    """The passes (one row each) and what a user asks first: size, quality and latency, before and after.
+    Fits 80 columns; every detail is in report.json."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"graphpress: {report['model']['name']} with recipe {report['recipe']['name']}")
-    for col in ("pass", "exact", "changed", "seconds", "nodes", "params", "MB", "max rel err", "SQNR dB"):
-        table.add_column(col)
+    console = console or Console()
+    table = Table(title=f"{report['model']['name']}, recipe {report['recipe']['name']}", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False)
+    for col, justify in (("pass", "left"), ("effect", "left"), ("s", "right"), ("nodes", "right"),
+                         ("MB", "right"), ("SQNR dB", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in report["passes"]:
         err = r.get("error") or {}
-        sq = err.get("sqnr_db")
+        sq = err.get("sqnr_db", "-")
         table.add_row(
-            r["name"], "yes" if r["exact"] else "lossy", "yes" if r["modified"] else "no", f"{r['seconds']:.2f}",
-            f"{r['nodes_before']} → {r['nodes_after']}", f"{r['params_before']:,} → {r['params_after']:,}",
-            f"{r['bytes_before'] / 1e6:.1f} → {r['bytes_after'] / 1e6:.1f}",
-            f"{err['max_rel']:.2e}" if err else "-", "inf" if sq is None and err else (f"{sq:.1f}" if sq else "-"),
+            r["name"], ("exact" if r["exact"] else "lossy") if r["modified"] else "none", f"{r['seconds']:.1f}",
+            f"{r['nodes_before']}→{r['nodes_after']}", f"{r['bytes_before'] / 1e6:.1f}→{r['bytes_after'] / 1e6:.1f}",
+            "-" if not err else ("inf" if sq is None else f"{sq:.1f}"),
         )
-    console = Console()
     console.print(table)
-    console.print(f"ONNX file: {report['bytes']['onnx_file'] / 1e6:.1f} MB; onnxruntime vs torch max rel err "
-                  f"{report['onnx']['check']['max_rel']:.2e}")
-    evals = report.get("evaluation")
-    if evals:
-        parts = [f"{k}: {v['value']:.4f}" for k, v in evals.items() if v]
-        console.print(f"{evals['before']['metric']} — " + ", ".join(parts))
+    check = report["onnx"]["check"]
+    agree = f"; onnxruntime vs torch program SQNR {_db(check['sqnr_db'])} dB" if check else ""
+    console.print(f"wrote {out / 'model.onnx'} and report.json{agree}")
+    rows = _before_after(report)
+    if rows:
+        summary = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("", "before", "after", ""):
+            summary.add_column(col, justify="right" if col else "left", no_wrap=True)
+        for row in rows:
+            summary.add_row(*row)
+        console.print(summary)
+    skipped = (report.get("evaluation") or {}).get("skipped")
+    if skipped:
+        console.print(f"evaluation skipped: {skipped}")
+
+
+def _before_after(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    size = report["bytes"]
+    if size.get("onnx_file_before"):
+        b, a = size["onnx_file_before"], size["onnx_file"]
+        rows.append(("ONNX size", f"{b / 1e6:.1f} MB", f"{a / 1e6:.1f} MB", f"{a / b:.2f}×"))
+    ev = report.get("evaluation") or {}
+    if ev.get("before") and ev.get("after_onnx"):
+        b, a = ev["before"], ev["after_onnx"]
+        note = f"torch {ev['after_torch']['value']:.4f}" if ev.get("after_torch") else ""
+        if a.get("shortened_from"):
+            note += f"; windows of {a['window']}"
+        rows.append((a["metric"], f"{b['value']:.4f}", f"{a['value']:.4f}", note))
+    lat = report.get("latency")
+    if lat:
+        b, a = lat["before"]["median_ms"], lat["after"]["median_ms"]
+        shape = "×".join(str(d) for d in next(iter(lat["inputs"].values())))
+        rows.append(("latency", f"{b:.1f} ms", f"{a:.1f} ms", f"{a / b:.2f}× ({shape})"))
+    return rows
+
+
+def _db(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.1f}"
 
 
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    level = logging.DEBUG if verbose else logging.INFO
+    level = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=logging.WARNING, handlers=[RichHandler(show_path=False)], format="%(message)s")
     logging.getLogger("graphpress").setLevel(level)
     if not verbose:
@@ -151,6 +258,11 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():  # progress bars only where they redraw in place
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """The main job: load a model, capture it, run a recipe, export ONNX, evaluate, report.
 
-The output directory is written in a scratch directory beside it and renamed into place at the end, so a
-failure never leaves a half-written one.
+The output directory is written in a staging directory beside it and renamed into place at the end, so a
+failure never leaves a half-written one, and only an earlier graphpress output is ever replaced
+(graphpress.outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
 import math
-import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,12 @@ import torch
 
 from graphpress import evaluation as ev
 from graphpress.capture import capture
+from graphpress.errors import describe, one_line
+from graphpress.latency import latencies
 from graphpress.lowering.onnx import export_onnx, ort_forward
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
-from graphpress.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model
+from graphpress.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, context_length, load_model
+from graphpress.outputs import check_output, staged_output
 from graphpress.program import Program
 from graphpress.recipes import Recipe, load_recipe
 from graphpress.runner import run_pipeline
@@ -34,10 +40,8 @@ from graphpress.runner import run_pipeline
 log = logging.getLogger(__name__)
 
 SAMPLE_TOKENS = 32  # sample batch for capture and verification: 2 rows of this many tokens
-
-
-class OutputExistsError(FileExistsError):
-    pass
+LATENCY_TOKENS = 128  # latency before/after: batch 1, this many tokens (or the model's context)
+LATENCY_RUNS = 10
 
 
 @dataclass
@@ -48,8 +52,29 @@ class Source:
     model: torch.nn.Module
     kind: str
     tokenizer: Any = None
-    example_inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | None = None
+    example_inputs: dict[str, Any] | tuple[Any, ...] | None = None
     source: str = ""
+    # why there is no tokenizer (a Hugging Face directory saved without one)
+    no_tokenizer: str = ""
+
+    @property
+    def context(self) -> int | None:
+        return context_length(self.model)
+
+    def need_text(self, what: str) -> None:
+        """Refuse ``what`` (something that needs text) when there is no tokenizer."""
+        if self.tokenizer is None:
+            reason = self.no_tokenizer or f"{self.name} is a plain module, not a language model"
+            raise ModelNotFoundError(f"{what} needs text, but {reason}: save the tokenizer beside the model "
+                                     "(tokenizer.save_pretrained(DIR)) or choose a recipe without calibration")
+
+
+def model_dirs(ref: str | None) -> list[Path]:
+    """The directories that hold the model's own files (an output directory must never replace them)."""
+    ref = ref or DEFAULT_MODEL
+    if ":" in ref and ref.split(":", 1)[0].endswith(".py"):
+        return [Path(ref.split(":", 1)[0]).parent]
+    return [Path(ref)] if Path(ref).is_dir() else []
 
 
 def resolve_source(ref: str | None) -> Source:
@@ -58,7 +83,8 @@ def resolve_source(ref: str | None) -> Source:
     if ":" in ref and ref.split(":", 1)[0].endswith(".py"):
         return _from_python_file(ref)
     loaded: LoadedModel = load_model(ref)
-    return Source(loaded.name, loaded.model, loaded.kind, loaded.tokenizer, None, loaded.source)
+    return Source(loaded.name, loaded.model, loaded.kind, loaded.tokenizer, None, loaded.source,
+                  loaded.no_tokenizer)
 
 
 def _from_python_file(ref: str) -> Source:
@@ -68,49 +94,90 @@ def _from_python_file(ref: str) -> Source:
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    factory: Callable[[], tuple[torch.nn.Module, Any]] | None = getattr(module, fn_name, None)
-    if factory is None:
-        raise ModelNotFoundError(f"{path} has no function {fn_name!r} returning (module, example_inputs)")
-    model, inputs = factory()
-    return Source(fn_name, model.eval(), "module", None, inputs, ref)
+    folder = str(Path(path).resolve().parent)
+    sys.path.insert(0, folder)  # the file may import its neighbours (or define passes a recipe uses)
+    try:
+        spec.loader.exec_module(module)
+        factory: Callable[[], Any] | None = getattr(module, fn_name, None)
+        if not callable(factory):
+            raise ModelNotFoundError(f"{path} has no function {fn_name!r} returning (module, example_inputs)")
+        result = factory()
+    except ModelNotFoundError:
+        raise
+    except Exception as e:  # the user's code: name the file, the line and the error
+        raise ModelNotFoundError(f"{ref} failed: {type(e).__name__} at {_user_line(e, path)}: {one_line(e)}") from e
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise ModelNotFoundError(f"{ref} must return (module, example_inputs): a tuple of an nn.Module and its "
+                                 f"inputs, not {describe(result)}")
+    model, inputs = result
+    if not isinstance(inputs, (tuple, list, dict, torch.Tensor)):
+        raise ModelNotFoundError(f"{ref} returned example inputs that are {describe(inputs)}: return a tuple of "
+                                 "positional inputs or a dict of named ones")
+    return Source(fn_name, model.eval(), "module", None, inputs, str(Path(path).resolve()) + ":" + fn_name)
 
 
-def sample_inputs(src: Source) -> dict[str, torch.Tensor] | tuple[torch.Tensor, ...]:
-    """A real 2-row batch from the calibration end of the text (never the evaluation part)."""
+def _user_line(e: BaseException, path: str) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).name == Path(path).name]
+    return f"{path}:{frames[-1].lineno}" if frames else path
+
+
+def sample_inputs(src: Source, tokens: int = SAMPLE_TOKENS, rows: int = 2) -> dict[str, Any] | tuple[Any, ...]:
+    """The sample batch for capture and verification: real text from the calibration end of the corpus
+    (never the evaluation part), or random token ids within the vocabulary when there is no tokenizer."""
     if src.example_inputs is not None:
         return src.example_inputs
+    tokens = ev.window_length(src.context, tokens)
+    if src.tokenizer is None:
+        vocab = src.model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (rows, tokens), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids} if src.kind == "causal-lm" else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if src.kind == "causal-lm":
         ids = ev.token_stream(src.tokenizer)
-        return {"input_ids": ev.calibration_windows(ids, 2, SAMPLE_TOKENS)}
-    enc = src.tokenizer(ev.sentences(2, from_end=True), padding=True, return_tensors="pt")
+        return {"input_ids": ev.calibration_windows(ids, rows, tokens, ev.window_length(src.context))}
+    enc = src.tokenizer(ev.sentences(rows, from_end=True), padding=True, truncation=True, max_length=tokens,
+                        return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def calibration_batches(src: Source, recipe: Recipe) -> list[tuple[torch.Tensor, ...]]:
     if not recipe.needs_calibration():
         return []
+    if src.kind == "module":
+        raise ValueError(f"recipe {recipe.name} needs calibration data, which a plain module ({src.name}) lacks")
+    src.need_text(f"recipe {recipe.name} (calibration)")
     if src.kind == "causal-lm":
-        n, length = recipe.calibration.get("windows", 64), recipe.calibration.get("length", ev.WINDOW)
+        n = recipe.calibration.get("windows", 64)
+        length = ev.window_length(src.context, recipe.calibration.get("length", ev.WINDOW))
         batch = recipe.calibration.get("batch", 8)  # windows per forward: fewer, larger matmuls
-        windows = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length)
+        windows = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length, ev.window_length(src.context))
         return [(chunk,) for chunk in windows.split(batch)]
-    if src.kind == "encoder":
-        texts = ev.sentences(recipe.calibration.get("sentences", 256), from_end=True)
-        out = []
-        for i in range(0, len(texts), 32):
-            enc = src.tokenizer(texts[i : i + 32], padding=True, truncation=True,
-                                max_length=ev.SENTENCE_MAX_TOKENS, return_tensors="pt")
-            out.append((enc["input_ids"], enc["attention_mask"]))
-        return out
-    raise ValueError(f"recipe {recipe.name} needs calibration data, which a plain module ({src.name}) lacks")
+    texts = ev.sentences(recipe.calibration.get("sentences", 256), from_end=True)
+    out = []
+    for i in range(0, len(texts), 32):
+        enc = src.tokenizer(texts[i : i + 32], padding=True, truncation=True,
+                            max_length=ev.window_length(src.context, ev.SENTENCE_MAX_TOKENS), return_tensors="pt")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
 
 
 def evaluate_source(src: Source, forward: ev.Forward, progress: bool = False) -> dict[str, Any] | None:
-    if src.kind not in ("causal-lm", "encoder"):
+    if src.kind not in ("causal-lm", "encoder") or src.tokenizer is None:
         return None
     reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
-    return ev.evaluate(src.kind, forward, src.tokenizer, reference, progress=progress).to_json()
+    return ev.evaluate(src.kind, forward, src.tokenizer, reference, progress=progress,
+                       context=src.context).to_json()
+
+
+def latency_feed(src: Source, program: Program, tokens: int = LATENCY_TOKENS) -> dict[str, Any]:
+    """One row of ``tokens`` token ids (Hugging Face models), or the first row of the sample batch."""
+    if src.kind in ("causal-lm", "encoder"):
+        inputs = sample_inputs(dataclasses.replace(src, tokenizer=None), tokens, rows=1)
+        assert isinstance(inputs, dict)
+        return {k: v.numpy() for k, v in inputs.items()}
+    return {k: x[:1].numpy() for k, x in zip(program.input_names, program.example_inputs, strict=True)}
 
 
 def compress(
@@ -124,10 +191,12 @@ def compress(
     progress: bool = True,
     threads: int = 0,
 ) -> dict[str, Any]:
-    """Compress ``model`` with ``recipe`` into ``out`` (model.onnx + report.json); return the report."""
+    """Compress ``model`` with ``recipe`` into ``out`` (model.onnx, report.json, the tokenizer when there is
+    one); return the report. With ``evaluate``: quality, and onnxruntime latency of the uncompressed export
+    against the compressed one, before and after. ``out`` is checked before any work (see graphpress.outputs)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OutputExistsError(f"output directory {out} exists and is not empty: choose another or pass --force")
+    protected = model_dirs(model)
+    check_output(out, force=force, protected=protected)
     rec = load_recipe(recipe)  # a bad recipe fails before the model loads
     start = time.perf_counter()
     src = resolve_source(model)
@@ -135,43 +204,54 @@ def compress(
     calibration = calibration_batches(src, rec)
     compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=calibration,
                                        progress=progress)
-    with staged(out) as tmp:
+    with staged_output(out, force=force, protected=protected) as tmp:
         exported = export_onnx(compressed, tmp / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
-                               metadata={"source": src.source, "recipe": rec.name})
+                               metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
+        if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
+            src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
         report: dict[str, Any] = {
-            "model": {"name": src.name, "source": src.source, "kind": src.kind},
+            "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
             "recipe": rec.to_json(),
             "passes": [r.to_json() for r in records],
             "parameters": {"before": program.num_parameters(), "after": compressed.num_parameters()},
             "bytes": {"before": program.num_bytes(), "after": compressed.num_bytes(), "onnx_file": exported.bytes},
             "onnx": {**exported.to_json(), "path": "model.onnx"},
             "evaluation": None,
+            "latency": None,
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         }
-        if evaluate and src.kind in ("causal-lm", "encoder"):
-            report["evaluation"] = {
-                "before": evaluate_source(src, ev.torch_forward(src.model, src.kind), progress),
-                "after_torch": evaluate_source(src, ev.torch_forward(compressed, src.kind), progress),
-                "after_onnx": evaluate_source(src, ort_forward(exported.path, threads), progress),
-            }
+        if evaluate:
+            report["evaluation"] = _evaluations(src, compressed, exported.path, threads, progress)
+            report["latency"], report["bytes"]["onnx_file_before"] = _latency(src, program, exported.path, threads)
         report["seconds"] = time.perf_counter() - start
         (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
 
 
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A scratch directory beside ``out`` that becomes ``out`` (a rename) only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+def _evaluations(src: Source, compressed: Program, onnx_path: Path, threads: int, progress: bool
+                 ) -> dict[str, Any] | None:
+    if src.kind not in ("causal-lm", "encoder"):
+        return None
+    if src.tokenizer is None:
+        return {"skipped": f"{src.no_tokenizer}: evaluation needs text"}
+    return {
+        "before": evaluate_source(src, ev.torch_forward(src.model, src.kind), progress),
+        "after_torch": evaluate_source(src, ev.torch_forward(compressed, src.kind), progress),
+        "after_onnx": evaluate_source(src, ort_forward(onnx_path, threads), progress),
+    }
+
+
+def _latency(src: Source, program: Program, onnx_path: Path, threads: int
+             ) -> tuple[dict[str, Any], int]:
+    """onnxruntime latency of the uncompressed program's export (made in a temporary directory) and of the
+    compressed file, interleaved in one run; and the uncompressed file's size."""
+    feed = latency_feed(src, program)
+    with tempfile.TemporaryDirectory(prefix="graphpress-reference-") as ref_dir:
+        reference = export_onnx(program, Path(ref_dir) / "model.onnx", check=False)
+        before, after = latencies([reference.path, onnx_path], [feed, feed], threads, runs=LATENCY_RUNS,
+                                  warmup=2, rounds=2)
+    shape = {k: list(v.shape) for k, v in feed.items()}
+    return {"inputs": shape, "before": before, "after": after}, reference.bytes
 
 
 def clean_json(x: Any) -> Any:

@@ -56,13 +56,21 @@ def eval_windows(ids: torch.Tensor, n: int = EVAL_WINDOWS, length: int = WINDOW)
     return ids[: n * length].view(n, length)
 
 
-def calibration_windows(ids: torch.Tensor, n: int, length: int = WINDOW) -> torch.Tensor:
-    """``n`` windows taken from the end of the stream: [n, length]; never overlaps the evaluation windows."""
-    available = (ids.numel() - EVAL_WINDOWS * WINDOW) // length
+def window_length(context: int | None, length: int = WINDOW) -> int:
+    """``length``, shortened to the model's context (positions it can attend to) when that is shorter."""
+    return min(length, context) if context else length
+
+
+def calibration_windows(ids: torch.Tensor, n: int, length: int = WINDOW, eval_length: int = WINDOW
+                        ) -> torch.Tensor:
+    """``n`` windows taken from the end of the stream: [n, length]; never overlaps the evaluation windows
+    (``EVAL_WINDOWS`` of ``eval_length`` tokens)."""
+    available = (ids.numel() - EVAL_WINDOWS * eval_length) // length
     if n < 1 or n > available:
         raise CalibrationError(
             f"asked for {n} calibration windows of {length} tokens, but only {available} fit after the "
-            f"{EVAL_WINDOWS} evaluation windows in {ids.numel()} tokens: ask for fewer or shorter windows"
+            f"{EVAL_WINDOWS} evaluation windows of {eval_length} in {ids.numel()} tokens: ask for fewer or "
+            "shorter windows"
         )
     return ids[ids.numel() - n * length :].view(n, length)
 
@@ -74,7 +82,7 @@ def perplexity(forward: Forward, windows: torch.Tensor, progress: bool = False) 
     if progress:
         from tqdm import tqdm
 
-        rows = tqdm(windows, desc="perplexity", unit="window")
+        rows = tqdm(windows, desc="perplexity", unit="window", disable=None, leave=False)
     for w in rows:
         logits = torch.as_tensor(np.asarray(forward(w[None]))).float()
         nll += torch.nn.functional.cross_entropy(logits[0, :-1], w[1:], reduction="sum").item()
@@ -93,12 +101,13 @@ def sentences(n: int = EVAL_SENTENCES, from_end: bool = False) -> list[str]:
     return [s for s in reversed(good) if s not in held_out][:n]
 
 
-def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 32) -> torch.Tensor:
+def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 32,
+                      max_tokens: int = SENTENCE_MAX_TOKENS) -> torch.Tensor:
     """Attention-masked mean pooling of the last hidden state, L2-normalized: [len(texts), H]."""
     out = []
     for i in range(0, len(texts), batch):
         enc = tokenizer(texts[i : i + batch], padding=True, truncation=True,
-                        max_length=SENTENCE_MAX_TOKENS, return_tensors="pt")
+                        max_length=max_tokens, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         hidden = torch.as_tensor(np.asarray(forward(ids, mask))).float()
         m = mask[..., None].float()
@@ -106,10 +115,11 @@ def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch:
     return torch.cat(out)
 
 
-def cosine_similarity(forward: Forward, reference: Forward, tokenizer: Any) -> dict[str, float]:
+def cosine_similarity(forward: Forward, reference: Forward, tokenizer: Any,
+                      max_tokens: int = SENTENCE_MAX_TOKENS) -> dict[str, float]:
     texts = sentences()
-    a = pooled_embeddings(forward, tokenizer, texts)
-    b = pooled_embeddings(reference, tokenizer, texts)
+    a = pooled_embeddings(forward, tokenizer, texts, max_tokens=max_tokens)
+    b = pooled_embeddings(reference, tokenizer, texts, max_tokens=max_tokens)
     cos = (a * b).sum(-1)
     return {"mean": cos.mean().item(), "min": cos.min().item()}
 
@@ -125,17 +135,26 @@ class Evaluation:
 
 
 def evaluate(kind: str, forward: Forward, tokenizer: Any, reference: Forward | None = None,
-             progress: bool = False) -> Evaluation:
-    """Run the protocol for ``kind`` ("causal-lm" or "encoder")."""
+             progress: bool = False, context: int | None = None) -> Evaluation:
+    """Run the protocol for ``kind`` ("causal-lm" or "encoder"); windows (sentences) are shortened to the
+    model's ``context`` when it is shorter than the protocol's, and the details say so."""
     if kind == "causal-lm":
-        windows = eval_windows(token_stream(tokenizer))
+        length = window_length(context)
+        windows = eval_windows(token_stream(tokenizer), length=length)
         ppl = perplexity(forward, windows, progress=progress)
-        return Evaluation("perplexity", ppl, {"windows": len(windows), "window": windows.shape[1]})
+        details: dict[str, Any] = {"windows": len(windows), "window": length}
+        if length < WINDOW:
+            details["shortened_from"] = WINDOW
+        return Evaluation("perplexity", ppl, details)
     if kind == "encoder":
         if reference is None:
             raise ValueError("encoder evaluation needs the uncompressed model as reference")
-        cos = cosine_similarity(forward, reference, tokenizer)
-        return Evaluation("cosine", cos["mean"], {"min": cos["min"], "sentences": EVAL_SENTENCES})
+        max_tokens = window_length(context, SENTENCE_MAX_TOKENS)
+        cos = cosine_similarity(forward, reference, tokenizer, max_tokens)
+        details = {"min": cos["min"], "sentences": EVAL_SENTENCES, "max_tokens": max_tokens}
+        if max_tokens < SENTENCE_MAX_TOKENS:
+            details["shortened_from"] = SENTENCE_MAX_TOKENS
+        return Evaluation("cosine", cos["mean"], details)
     raise ValueError(f"no evaluation protocol for model kind {kind!r} (expected causal-lm or encoder)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -30,3 +31,16 @@ def max_rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     return {"max_abs": max_abs_error(ref, out), "max_rel": max_rel_error(ref, out), "sqnr_db": sqnr(ref, out)}
+
+
+def compare_outputs(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor], names: Sequence[str]
+                    ) -> tuple[dict[str, float], str]:
+    """``compare`` on every output; the worst of each measure, and the name of the output with the worst
+    relative error."""
+    if len(ref) != len(out):
+        raise ValueError(f"{len(out)} outputs where {len(ref)} were expected")
+    errors = [compare(r, o) for r, o in zip(ref, out, strict=True)]
+    worst = max(range(len(errors)), key=lambda i: errors[i]["max_rel"])
+    merged = {"max_abs": max(e["max_abs"] for e in errors), "max_rel": errors[worst]["max_rel"],
+              "sqnr_db": min(e["sqnr_db"] for e in errors)}
+    return merged, names[worst] if worst < len(names) else str(worst)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphpress.errors import one_line
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -34,10 +36,30 @@ class ModelNotFoundError(ValueError):
 class LoadedModel:
     name: str
     model: nn.Module
-    tokenizer: Any
+    tokenizer: Any  # None when the directory has none (``no_tokenizer`` says why)
     kind: str  # "causal-lm" or "encoder"
     # how to load it again (recorded in reports and ONNX metadata, so `eval` can find the reference)
     source: str
+    no_tokenizer: str = ""
+
+    @property
+    def context(self) -> int | None:
+        return context_length(self.model)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """How many positions the model can attend to, from its config (None when it names no limit)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            # RoBERTa-style learned positions start after the padding index
+            offset = (config.pad_token_id + 1) if getattr(config, "model_type", "") in _PADDED_POSITIONS else 0
+            return n - offset
+    return None
+
+
+_PADDED_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
 
 
 def _package_dir(package: str, pip_name: str, name: str) -> Path:
@@ -108,16 +130,37 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
 
 
 def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
-    auto = AutoModelForCausalLM if causal else AutoModel
-    model = auto.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(path.name, model.eval(), tokenizer, "causal-lm" if causal else "encoder", str(path.resolve()))
+    try:
+        config = AutoConfig.from_pretrained(path)
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+        auto = AutoModelForCausalLM if causal else AutoModel
+        model = auto.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelNotFoundError(f"cannot load the Hugging Face model in {path}: {one_line(e)}") from e
+    tokenizer, why = load_tokenizer(path)
+    kind = "causal-lm" if causal else "encoder"
+    return LoadedModel(path.name, model.eval(), tokenizer, kind, str(path.resolve()), why)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: Path) -> tuple[Any, str]:
+    """The tokenizer saved in ``path``, or None and why there is none (a model saved without one is fine
+    until something needs text)."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None, f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
+    try:
+        return AutoTokenizer.from_pretrained(path), ""
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        return None, f"the tokenizer in {path} cannot be loaded: {one_line(e, 200)}"
 
 
 class _ByteTokenizer:

@@ -35,6 +35,11 @@ class Program:
         with torch.no_grad():
             return self.gm(*inputs)
 
+    def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output as a list of tensors, in the order of ``output_names``."""
+        out = self(*inputs)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
     def clone(self) -> Program:
         """A deep copy: passes may rewrite weights in place, so each stage works on its own copy."""
         return dataclasses.replace(self, gm=copy.deepcopy(self.gm), meta=dict(self.meta))

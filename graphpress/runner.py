@@ -1,7 +1,7 @@
 """The pipeline runner: runs passes in order, records what each did, and verifies as it goes.
 
-In verify mode each pass's graph is linted and the program is run on the sample batch; its output is
-compared with the previous stage's (max abs / rel error, SQNR). An exact pass that moves outputs by more than
+In verify mode each pass's graph is linted and the program is run on the sample batch; each of its outputs
+is compared with the previous stage's (max abs / rel error, SQNR). An exact pass that moves outputs by more than
 ``exact_tolerance`` (max relative error), or any NaN/Inf, stops the pipeline with a PipelineError naming the
 pass and the passes before it.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from graphpress.metrics import compare
+from graphpress.errors import describe
+from graphpress.metrics import compare_outputs
 from graphpress.passes.base import Pass, PassContext
 from graphpress.program import Program
 
@@ -71,8 +72,11 @@ def run_pipeline(
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(passes, desc="passes", unit="pass")
+        iterator = tqdm(passes, desc="passes", unit="pass", disable=None, leave=False)
     for p in iterator:
+        if not isinstance(p, Pass):
+            hint = f": write {p.__name__}()" if isinstance(p, type) and issubclass(p, Pass) else ""
+            raise PipelineError(f"run_pipeline on {program.name}: {describe(p)} is not a pass instance{hint}")
         done = [r.name for r in records]
         before = (program.num_nodes(), program.num_parameters(), program.num_bytes())
         start = time.perf_counter()
@@ -106,10 +110,10 @@ def run_pipeline(
             raise PipelineError(f"pass {p.name} left an invalid graph in {program.name}: {e}") from e
         out = _run(program)
         _check_finite(out, f"pass {p.name}", done)
-        record.error = compare(previous, out)
+        record.error, worst = compare_outputs(previous, out, program.output_names)
         if p.exact and record.error["max_rel"] > exact_tolerance:
             raise PipelineError(
-                f"exact pass {p.name} changed the outputs of {program.name}: max relative error "
+                f"exact pass {p.name} changed output {worst} of {program.name}: max relative error "
                 f"{record.error['max_rel']:.3g} > {exact_tolerance:g} (SQNR {record.error['sqnr_db']:.1f} dB; "
                 f"passes before it: {_list(done)}). This is a bug in the pass: report it, and drop the pass "
                 "from the recipe to continue."
@@ -118,14 +122,14 @@ def run_pipeline(
     return program, records
 
 
-def _run(program: Program) -> torch.Tensor:
-    out = program(*program.example_inputs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _run(program: Program) -> list[torch.Tensor]:
+    """Every output of the program on its sample batch."""
+    return program.outputs(*program.example_inputs)
 
 
-def _check_finite(out: torch.Tensor, where: str, done: list[str]) -> None:
-    if out.is_floating_point() and not torch.isfinite(out).all():
-        bad = (~torch.isfinite(out)).sum().item()
+def _check_finite(outs: list[torch.Tensor], where: str, done: list[str]) -> None:
+    bad = sum((~torch.isfinite(o)).sum().item() for o in outs if o.is_floating_point())
+    if bad:
         raise PipelineError(f"{where} produced {bad} NaN/Inf outputs (passes before it: {_list(done)})")
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from graphpress.capture import CaptureError, capture
-from tests.conftest import capture_tiny, tiny_llama
+from tests.conftest import capture_tiny, tiny_bert, tiny_llama
 
 
 def test_hf_causal_lm_keeps_names_meta_and_dynamic_dims() -> None:
@@ -62,3 +64,58 @@ def test_uncapturable_model_names_module_and_line() -> None:
         capture(_Outer(), (torch.randn(2, 4),), name="outer")
     msg = str(info.value)
     assert "outer" in msg and "block (_DataDependent)" in msg and "test_capture.py" in msg and "Try:" in msg
+
+
+def test_batch_of_one_captures_and_stays_dynamic(tmp_path: Path) -> None:
+    """A batch of one (one tokenized sentence) is what a user has first; the program and ONNX stay dynamic."""
+    from graphpress.lowering.onnx import export_onnx, ort_forward
+
+    cases = {
+        "llama": (tiny_llama(), {"input_ids": torch.randint(0, 128, (1, 9))}),
+        "bert": (tiny_bert(), {"input_ids": torch.randint(0, 128, (1, 9)), "attention_mask": torch.ones(1, 9).long()}),
+        "plain": (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval(), (torch.randn(1, 6),)),
+    }
+    for name, (model, inputs) in cases.items():
+        program = capture(model, inputs, name=name)
+        three = tuple(torch.cat([x] * 3) for x in (inputs.values() if isinstance(inputs, dict) else inputs))
+        with torch.no_grad():
+            ref = model(*three) if name == "plain" else program(*three)
+        exported = export_onnx(program, tmp_path / f"{name}.onnx")
+        got = torch.from_numpy(ort_forward(exported.path)(*three))
+        assert got.shape[0] == 3
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(h) * scale, "hidden": h}
+
+
+def test_every_output_is_named_and_constants_are_bound(tmp_path: Path) -> None:
+    from graphpress.lowering.onnx import export_onnx
+
+    model = _TwoOutputs().eval()
+    program = capture(model, {"x": torch.randn(2, 4), "scale": 0.5})
+    assert program.input_names == ("x",) and program.output_names == ("logits", "hidden")
+    x = torch.randn(3, 4)
+    logits, hidden = program(x)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x, 0.5)["logits"])
+    exported = export_onnx(program, tmp_path / "two.onnx")
+    assert exported.check is not None and exported.check["max_rel"] < 1e-5
+
+
+def test_inputs_that_do_not_fit_are_refused_in_one_line() -> None:
+    model = nn.Linear(4, 2)
+    with pytest.raises(CaptureError, match=r"do not fit forward"):
+        capture(model, (torch.randn(2, 4), torch.randn(2, 4)), name="lin")
+    with pytest.raises(CaptureError, match=r"fails on its example inputs.*mat1 and mat2") as info:
+        capture(model, (torch.randn(2, 5),), name="lin")
+    assert "\n" not in str(info.value)
+    with pytest.raises(CaptureError, match="hold no tensor"):
+        capture(model, {"input": 3.0}, name="lin")

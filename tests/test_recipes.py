@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from graphpress.passes import PASSES
@@ -23,9 +25,36 @@ def test_default_recipe_is_exact() -> None:
         ({"passes": "remove_noops"}, "list under 'passes'"),
         ({"passes": [{"pass": "remove_noops", "bogus": 1}]}, "has no option"),
         ({"passes": [{"nope": 1}]}, "'pass' key"),
-        ({"passes": [], "extra": 1}, "unknown keys"),
+        ({"passes": [], "extra": 1}, "unknown key"),
     ],
 )
 def test_bad_recipes_are_refused(data: object, match: str) -> None:
     with pytest.raises(RecipeError, match=match):
         recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"passes": [{"pass": "rtn", "bits": "4"}]}, "option 'bits' must be an integer, not '4'"),
+        ({"passes": [{"pass": "rtn", "symmetric": "yes"}]}, "option 'symmetric' must be true or false"),
+        ({"passes": [{"pass": "rtn", "group_size": 1.5}]}, "must be an integer or null"),
+        ({"passes": [{"pass": "rtn", "targets": [3]}]}, "must be a string, not 3"),
+        ({"passes": [], "calibration": {"window": 4}}, "unknown key 'window' under 'calibration'"),
+        ({"passes": [], "calibration": {"windows": "4"}}, "calibration 'windows' must be a positive integer"),
+        ({"passes": [], "lowering": {"accuracy": 4}}, "unknown key 'accuracy' under 'lowering'"),
+        ({"passes": [], "lowering": {"accuracy_level": 9}}, "accuracy_level must be 0..4"),
+        ({"passes": [], "name": ["x"]}, "'name' must be a string"),
+        ({"passes": [{"pass": 7}]}, "unknown pass 7"),
+    ],
+)
+def test_recipe_types_are_validated_before_any_work(data: object, match: str) -> None:
+    with pytest.raises(RecipeError, match=re.escape(match)) as info:
+        recipe_from_dict(data, source="mine.yaml")
+    assert "mine.yaml" in str(info.value)
+
+
+def test_a_single_regex_string_is_one_pattern() -> None:
+    recipe = recipe_from_dict({"passes": [{"pass": "rtn", "targets": "fc2", "ignore": "lm_head"}]})
+    assert recipe.passes[0].targets == ("fc2",) and recipe.passes[0].ignore == ("lm_head",)
+    assert PASSES["rtn"](targets="fc2").targets == ("fc2",)  # the Python API too

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ import torch
 
 from graphpress import evaluation as ev
 from graphpress.compress import clean_json, resolve_source
-from graphpress.lowering.onnx import onnx_metadata, ort_forward, ort_session
+from graphpress.latency import ROUNDS, latencies
+from graphpress.lowering.onnx import onnx_metadata, ort_forward
 
 
 def onnx_path(artifact: str) -> Path:
@@ -40,32 +39,6 @@ def onnx_path(artifact: str) -> Path:
 def file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-ROUNDS = 4
-
-
-def latencies(paths: list[Path], feeds: list[dict[str, np.ndarray]], threads: int, runs: int,
-              warmup: int) -> list[dict[str, float]]:
-    """Latency of every artifact in ROUNDS rounds of runs / ROUNDS timed runs each, artifacts in turn, so that
-    a slow spell of the machine falls on all of them alike. Only one session lives at a time: onnxruntime's
-    worker threads spin after a run, and an idle session's spinning threads measured 0.43x -> 0.55x on the
-    2-core machine when sessions were interleaved run by run."""
-    times: list[list[float]] = [[] for _ in paths]
-    per_round = -(-runs // ROUNDS)
-    for r in range(ROUNDS):
-        for k in range(len(paths)):
-            i = (r + k) % len(paths)
-            session = ort_session(paths[i], threads)
-            for _ in range(warmup):
-                session.run(None, feeds[i])
-            for _ in range(per_round):
-                t = time.perf_counter()
-                session.run(None, feeds[i])
-                times[i].append((time.perf_counter() - t) * 1e3)
-            del session
-    return [{"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t), "threads": threads}
-            for t in times]
 
 
 def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]

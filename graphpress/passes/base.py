@@ -55,6 +55,9 @@ class Selection:
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for key in ("targets", "ignore"):  # one regex given as a string is one pattern, not its characters
+            if isinstance(getattr(self, key), str):
+                object.__setattr__(self, key, (getattr(self, key),))
         for pattern in (*self.targets, *self.ignore):
             try:
                 re.compile(pattern)

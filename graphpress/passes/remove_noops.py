@@ -84,6 +84,7 @@ class RemoveNoops(Pass):
         counts: Counter[str] = Counter()
         skipped: dict[str, str] = {}
         graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
+        nodes_before = sum(len(m.graph.nodes) for _, m in graphs)
         # one in-place op anywhere (a parent may mutate what a subgraph copies) makes every copy observable
         mutates = any(_is_mutating(n) for _, m in graphs for n in m.graph.nodes)
         for prefix, module in graphs:
@@ -111,8 +112,10 @@ class RemoveNoops(Pass):
         cleanup(gm)
         stats: dict[str, Any] = {k: counts[k] for k in KINDS}
         stats["skipped"] = skipped
-        log.info("remove_noops: %s", stats)
-        return PassResult(gm, modified=sum(counts.values()) > 0, stats=stats)
+        log.debug("remove_noops: %s", stats)
+        # cleanup also drops what the export left dead: that changes the graph too
+        nodes_after = sum(len(m.graph.nodes) for m in gm.modules() if isinstance(m, fx.GraphModule))
+        return PassResult(gm, modified=sum(counts.values()) > 0 or nodes_after != nodes_before, stats=stats)
 
 
 def _match(node: fx.Node, mutates: bool) -> tuple[str | None, str]:

@@ -17,6 +17,9 @@ Named recipes are the YAML files beside this module; ``load_recipe`` also takes 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,38 +79,123 @@ def load_recipe(name_or_path: str | None) -> Recipe:
     return recipe_from_dict(data, source=str(path))
 
 
+TOP_LEVEL = {"name": str, "description": str, "passes": list, "calibration": dict, "lowering": dict}
+# calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward
+CALIBRATION = ("windows", "length", "batch", "sentences")
+
+
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    """Validate the whole recipe (keys and types, passes, calibration, lowering) before any work starts."""
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise RecipeError(f"recipe {source} must be a mapping with a list under 'passes'")
-    unknown = set(data) - {"name", "description", "passes", "calibration", "lowering"}
+    unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
-        raise RecipeError(f"recipe {source} has unknown keys {sorted(unknown)}")
+        raise RecipeError(f"recipe {source} has unknown key {unknown[0]!r} (allowed: {', '.join(TOP_LEVEL)})")
+    for key, kind in TOP_LEVEL.items():
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise RecipeError(f"recipe {source}: {key!r} must be a {_KIND_NAMES[kind]}, not {data[key]!r}")
     passes = [_build_pass(entry, i, source) for i, entry in enumerate(data["passes"])]
+    calibration = dict(data.get("calibration") or {})
+    for key, value in calibration.items():
+        if key not in CALIBRATION:
+            raise RecipeError(f"recipe {source}: unknown key {key!r} under 'calibration' "
+                              f"(allowed: {', '.join(CALIBRATION)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(f"recipe {source}: calibration {key!r} must be a positive integer, not {value!r}")
+    lowering = dict(data.get("lowering") or {})
+    _check_lowering(lowering, source)
     return Recipe(
         name=str(data.get("name", Path(source).stem)),
         passes=passes,
         description=str(data.get("description", "")),
-        calibration=dict(data.get("calibration") or {}),
-        lowering=dict(data.get("lowering") or {}),
+        calibration=calibration,
+        lowering=lowering,
     )
+
+
+_KIND_NAMES = {str: "string", list: "list", dict: "mapping"}
+
+
+def _check_lowering(options: dict[str, Any], source: str) -> None:
+    from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
+
+    allowed = [p for p in inspect.signature(onnxruntime_rules).parameters]
+    for key in options:
+        if key not in allowed:
+            raise RecipeError(f"recipe {source}: unknown key {key!r} under 'lowering' "
+                              f"(allowed: {', '.join(allowed)})")
+    try:
+        onnxruntime_rules(**options)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe {source}: lowering: {e}") from e
 
 
 def _build_pass(entry: Any, index: int, source: str) -> Pass:
     if not isinstance(entry, dict) or "pass" not in entry:
         raise RecipeError(f"recipe {source}: entry {index} must be a mapping with a 'pass' key, got {entry!r}")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != "pass"}
     name = entry["pass"]
-    if name not in PASSES:
+    if not isinstance(name, str) or name not in PASSES:
         raise RecipeError(f"recipe {source}: unknown pass {name!r} (known: {', '.join(sorted(PASSES))})")
     cls = PASSES[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    bad = set(options) - fields
-    if bad:
-        raise RecipeError(f"recipe {source}: pass {name} has no option {sorted(bad)} (options: {sorted(fields)})")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    options = {}
+    for key, value in entry.items():
+        if key == "pass":
+            continue
+        if key not in fields:
+            raise RecipeError(f"recipe {source}: pass {name} has no option {key!r} (options: {', '.join(fields)})")
+        try:
+            options[key] = coerce_option(value, hints[key])
+        except TypeError as e:
+            raise RecipeError(f"recipe {source}: pass {name}: option {key!r} {e}") from e
     try:
         return cls(**options)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe {source}: pass {name}: {e}") from e
+
+
+def coerce_option(value: Any, hint: Any) -> Any:
+    """``value`` as a pass option of type ``hint``: YAML lists become tuples, a single string where a
+    tuple of strings is expected becomes a one-element tuple (``targets: fc2``), an int where a float is
+    expected a float; anything else that does not fit raises TypeError naming what is allowed."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return coerce_option(value, option)
+            except TypeError:
+                continue
+        raise TypeError(f"must be {_hint_name(hint)}, not {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        items = (value,) if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return tuple(coerce_option(v, args[0]) for v in items)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+    else:
+        return value
+    raise TypeError(f"must be {_hint_name(hint)}, not {value!r}")
+
+
+def _hint_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_hint_name(args[0])}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(hint, str(hint))
 
 
 def _options(p: Pass) -> dict[str, Any]:

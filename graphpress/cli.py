@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from graphpress.errors import one_line
-from graphpress.models import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger("graphpress")
 
@@ -33,6 +32,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # progress bars only where they redraw in place; libraries read this when tqdm is first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -65,6 +67,7 @@ def _main_thread() -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from graphpress.models import DEFAULT_MODEL, MODELS
     from graphpress.recipes import named_recipes
 
     p = argparse.ArgumentParser(prog="graphpress", description="Compress PyTorch models and export ONNX.")

@@ -1,7 +1,7 @@
 """The evaluation protocol, one for every artifact (torch model, captured program, ONNX file).
 
-Text: CPython's ``pydoc_data.topics``, the topics joined in sorted key order with blank lines, tokenized once
-(no special tokens).
+Text: CPython 3.11's ``pydoc_data.topics``, the topics joined in sorted key order with blank lines, pinned in
+the package with its hash (``TEXT_FILE``), tokenized once (no special tokens).
 
 Causal LMs: perplexity over the first 16 windows of 512 tokens (each window scored on its 511 next-token
 predictions). Calibration windows come from the end of the token stream and never overlap evaluation.
@@ -14,10 +14,13 @@ uncompressed model. Calibration sentences come from the end.
 from __future__ import annotations
 
 import functools
+import gzip
+import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,10 +39,19 @@ class CalibrationError(ValueError):
     """Asked for more calibration data than the text holds without overlapping evaluation."""
 
 
-def corpus_text() -> str:
-    from pydoc_data.topics import topics
+TEXT_FILE = Path(__file__).parent / "data" / "pydoc_topics.txt.gz"
+TEXT_SHA256 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+
+@functools.lru_cache(maxsize=1)
+def corpus_text() -> str:
+    """The protocol's text, pinned: CPython 3.11's ``pydoc_data.topics`` shipped in the package (see
+    graphpress/data/README.md), so every Python version evaluates the same tokens."""
+    data = gzip.decompress(TEXT_FILE.read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != TEXT_SHA256:
+        raise RuntimeError(f"{TEXT_FILE} is not the pinned evaluation text (SHA-256 {digest}): reinstall graphpress")
+    return data.decode()
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,6 +24,39 @@ def build():
 '''
 
 
+USER_MODELS = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x, scale=1.0):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) * scale, h
+
+def one_row():
+    return Net(), (torch.randn(1, 8),)
+
+def with_float():
+    return Net(), {"x": torch.randn(2, 8), "scale": 0.5}
+'''
+
+
+@pytest.mark.parametrize("factory", ["one_row", "with_float"])
+def test_user_models_with_tuples_floats_and_one_row(factory: str, tmp_path: Path) -> None:
+    (tmp_path / "user.py").write_text(USER_MODELS)
+    out = tmp_path / "out"
+    assert main(["compress", f"{tmp_path / 'user.py'}:{factory}", "--out", str(out), "--no-eval"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["check"]["max_rel"] < 1e-5
+    model = onnx.load(str(out / "model.onnx"))
+    assert [o.name for o in model.graph.output] == ["output_0", "output_1"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
 def _no_leftovers(parent: Path) -> None:
     assert not [p for p in parent.iterdir() if p.name.startswith(".out")], list(parent.iterdir())
 

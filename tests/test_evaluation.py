@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import gzip
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +47,22 @@ def test_encoder_cosine_against_itself_and_a_perturbed_copy() -> None:
 def test_sentences_split_held_out_from_calibration() -> None:
     held_out, calib = ev.sentences(256), ev.sentences(256, from_end=True)
     assert len(held_out) == 256 and not set(held_out) & set(calib)
+
+
+def test_the_evaluation_text_is_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped text is CPython 3.11's pydoc_data.topics, whatever Python runs the protocol; a changed file
+    is refused rather than silently evaluated."""
+    text = ev.corpus_text()
+    if sys.version_info[:2] == (3, 11):
+        from pydoc_data.topics import topics
+
+        assert text == "\n\n".join(topics[k] for k in sorted(topics))
+    changed = tmp_path / "text.gz"
+    changed.write_bytes(gzip.compress(text.replace("assert", "asert", 1).encode()))
+    monkeypatch.setattr(ev, "TEXT_FILE", changed)
+    ev.corpus_text.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="not the pinned evaluation text"):
+            ev.corpus_text()
+    finally:
+        ev.corpus_text.cache_clear()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,14 +199,20 @@ def compress(
     check_output(out, force=force, protected=protected)
     rec = load_recipe(recipe)  # a bad recipe fails before the model loads
     start = time.perf_counter()
-    src = resolve_source(model)
-    program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
-    calibration = calibration_batches(src, rec)
-    compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=calibration,
-                                       progress=progress)
+    timer = _Timer()
+    with timer("load"):
+        src = resolve_source(model)
+    with timer("capture"):
+        program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
+    with timer("calibration data"):
+        calibration = calibration_batches(src, rec)
+    with timer("passes"):
+        compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=calibration,
+                                           progress=progress)
     with staged_output(out, force=force, protected=protected) as tmp:
-        exported = export_onnx(compressed, tmp / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
-                               metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
+        with timer("export"):
+            exported = export_onnx(compressed, tmp / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
+                                   metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
         if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
             src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
         report: dict[str, Any] = {
@@ -221,11 +227,30 @@ def compress(
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         }
         if evaluate:
-            report["evaluation"] = _evaluations(src, compressed, exported.path, threads, progress)
-            report["latency"], report["bytes"]["onnx_file_before"] = _latency(src, program, exported.path, threads)
+            with timer("evaluation"):
+                report["evaluation"] = _evaluations(src, compressed, exported.path, threads, progress)
+            with timer("latency"):
+                report["latency"], report["bytes"]["onnx_file_before"] = _latency(src, program, exported.path,
+                                                                                  threads)
         report["seconds"] = time.perf_counter() - start
+        report["timings"] = timer.seconds
         (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
+
+
+class _Timer:
+    """Seconds spent in each stage of a run, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - t, 2)
 
 
 def _evaluations(src: Source, compressed: Program, onnx_path: Path, threads: int, progress: bool

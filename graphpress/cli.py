@@ -85,7 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="output directory: new, empty, or an earlier graphpress output (with --force)")
     c.add_argument("--force", action="store_true",
                    help="replace an earlier graphpress output (never a directory holding other files)")
+    c.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module (a .py file or a module name) that registers passes, before the recipe "
+                        "is read; may be repeated")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and latency")
+    c.add_argument("--eval-torch", action="store_true",
+                   help="also evaluate the compressed torch program (beside the ONNX file in onnxruntime)")
     c.add_argument("--no-verify", action="store_true", help="skip the per-pass numerical check")
     c.add_argument("--threads", type=int, default=0, help="onnxruntime threads for evaluation (0: all)")
     c.set_defaults(func=_compress)
@@ -113,9 +118,13 @@ def _version() -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     from graphpress.compress import compress
+    from graphpress.recipes import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
 
     report = compress(args.model, args.out, args.recipe, evaluate=not args.no_eval, verify=not args.no_verify,
-                      force=args.force, threads=args.threads)
+                      force=args.force, threads=args.threads, evaluate_torch=args.eval_torch)
     print_summary(report, args.out)
     return 0
 

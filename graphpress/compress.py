@@ -190,10 +190,12 @@ def compress(
     force: bool = False,
     progress: bool = True,
     threads: int = 0,
+    evaluate_torch: bool = False,
 ) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` into ``out`` (model.onnx, report.json, the tokenizer when there is
-    one); return the report. With ``evaluate``: quality, and onnxruntime latency of the uncompressed export
-    against the compressed one, before and after. ``out`` is checked before any work (see graphpress.outputs)."""
+    one); return the report. With ``evaluate``: quality (of the model, and of the ONNX file in onnxruntime;
+    of the compressed torch program too with ``evaluate_torch``), and onnxruntime latency of the uncompressed
+    export against the compressed one. ``out`` is checked before any work (see graphpress.outputs)."""
     out = Path(out)
     protected = model_dirs(model)
     check_output(out, force=force, protected=protected)
@@ -228,7 +230,8 @@ def compress(
         }
         if evaluate:
             with timer("evaluation"):
-                report["evaluation"] = _evaluations(src, compressed, exported.path, threads, progress)
+                report["evaluation"] = _evaluations(src, compressed if evaluate_torch else None, exported.path,
+                                                    threads, progress)
             with timer("latency"):
                 report["latency"], report["bytes"]["onnx_file_before"] = _latency(src, program, exported.path,
                                                                                   threads)
@@ -253,17 +256,17 @@ class _Timer:
             self.seconds[stage] = round(time.perf_counter() - t, 2)
 
 
-def _evaluations(src: Source, compressed: Program, onnx_path: Path, threads: int, progress: bool
+def _evaluations(src: Source, compressed: Program | None, onnx_path: Path, threads: int, progress: bool
                  ) -> dict[str, Any] | None:
     if src.kind not in ("causal-lm", "encoder"):
         return None
     if src.tokenizer is None:
         return {"skipped": f"{src.no_tokenizer}: evaluation needs text"}
-    return {
-        "before": evaluate_source(src, ev.torch_forward(src.model, src.kind), progress),
-        "after_torch": evaluate_source(src, ev.torch_forward(compressed, src.kind), progress),
-        "after_onnx": evaluate_source(src, ort_forward(onnx_path, threads), progress),
-    }
+    result = {"before": evaluate_source(src, ev.torch_forward(src.model, src.kind), progress)}
+    if compressed is not None:
+        result["after_torch"] = evaluate_source(src, ev.torch_forward(compressed, src.kind), progress)
+    result["after_onnx"] = evaluate_source(src, ort_forward(onnx_path, threads), progress)
+    return result
 
 
 def _latency(src: Source, program: Program, onnx_path: Path, threads: int

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +59,38 @@ class Program:
 
     def torch_dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
         return tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in self.dynamic_dims)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save the program in torch.export's format (a ``.pt2`` archive: graph, weights, sample batch) with
+        graphpress's facts beside it, so ``Program.load`` gives it back without re-running passes."""
+        path = Path(path)
+        ep = torch.export.export(self.gm, self.example_inputs, dynamic_shapes=self.torch_dynamic_shapes(),
+                                 strict=False)
+        facts = {"input_names": self.input_names, "output_names": self.output_names,
+                 "dynamic_dims": [{str(d): n for d, n in dims.items()} for dims in self.dynamic_dims],
+                 "name": self.name, "kind": self.kind}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(ep, path, extra_files={_FACTS: json.dumps(facts)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Program:
+        """A program saved by ``save`` (graphpress's ops are registered first, so any saved program loads)."""
+        import graphpress.kernels  # noqa: F401  (defines torch.ops.graphpress.*)
+
+        extra = {_FACTS: ""}
+        ep = torch.export.load(str(path), extra_files=extra)
+        if not extra[_FACTS]:
+            raise ValueError(f"{path} was not saved by graphpress (Program.save): it holds no {_FACTS}")
+        facts = json.loads(extra[_FACTS])
+        args = ep.example_inputs[0] if ep.example_inputs else ()
+        return cls(gm=ep.module(), example_inputs=tuple(args), input_names=tuple(facts["input_names"]),
+                   output_names=tuple(facts["output_names"]),
+                   dynamic_dims=tuple({int(d): n for d, n in dims.items()} for dims in facts["dynamic_dims"]),
+                   name=facts["name"], kind=facts["kind"])
+
+
+_FACTS = "graphpress.json"
 
 
 def _unique_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import fx
 
+from graphpress.capture import capture
 from graphpress.graph import get_tensor
 from graphpress.passes.base import Pass, PassContext, PassResult
 from graphpress.runner import PipelineError, run_pipeline
@@ -69,3 +70,28 @@ def test_verify_off_skips_checks() -> None:
     program = capture_tiny("convnet")
     _, records = run_pipeline(program, [_ScaleFirstWeight()], verify=False)
     assert records[0].error is None
+
+
+def test_a_wrong_exact_pass_on_the_second_output_is_caught() -> None:
+    """Every output is verified, not only the first."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from examples.custom_pass import ScaleOutputs
+
+    @dataclass(frozen=True)
+    class SaysExact(ScaleOutputs):
+        exact: ClassVar[bool] = True
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.fc(x)
+            return y, torch.relu(y)
+
+    program = capture(TwoOutputs().eval(), (torch.randn(2, 4),), name="two")
+    with pytest.raises(PipelineError, match=r"changed output output_1 of two"):
+        run_pipeline(program, [SaysExact(factor=1.001, outputs=(1,))])

@@ -11,7 +11,7 @@ G=.venv/bin/graphpress
 RECIPES=${*:-w4-awq-gptq w4-gptq w8a8-smoothquant w4-rtn w4-awq w8-rtn}
 for r in exact $RECIPES; do
   if [ ! -f "$OUT/$r/model.onnx" ]; then
-    /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$r" 2> "$OUT/$r.log"
+    /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$r" --eval-torch 2> "$OUT/$r.log"
   fi
 done
 if [ ! -f "$OUT/minilm-exact/model.onnx" ]; then

@@ -22,6 +22,7 @@ import onnxscript
 import torch
 from onnx import numpy_helper
 
+from graphpress.errors import one_line
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
 from graphpress.lowering.rules import RuleTable, apply_rules
 from graphpress.metrics import compare_outputs
@@ -59,12 +60,14 @@ def export_onnx(
     check: bool = True,
     tolerance: float | None = None,
     metadata: dict[str, str] | None = None,
+    opset: int = OPSET,
 ) -> ExportResult:
     """Export ``program`` to ``path``; with ``check``, run it in onnxruntime and compare with torch.
 
     The check passes when the SQNR of onnxruntime's output against the torch program reaches the rule
     table's ``check_sqnr_db`` (exact exports land above 100 dB; a wrong layout near 0 dB), or, when
-    ``tolerance`` is given, when the max relative error is at most ``tolerance``.
+    ``tolerance`` is given, when the max relative error is at most ``tolerance``. ``rules``: the target's
+    table, to which a caller adds its own (``onnxruntime_rules() + RuleTable((Rule(op, fn),))``).
     """
     path = Path(path)
     rules = rules if rules is not None else onnxruntime_rules()
@@ -74,7 +77,7 @@ def export_onnx(
             gm,
             program.example_inputs,
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=opset,
             dynamic_shapes=program.torch_dynamic_shapes(),
             input_names=list(program.input_names),
             output_names=list(program.output_names),
@@ -85,10 +88,14 @@ def export_onnx(
         # rotary patterns into a RotaryEmbedding that fails for a batch of more than one row (cos/sin of
         # batch 1); graphpress fuses norms and rotaries itself, checked (passes/fuse.py)
         fold_and_clean(exported.model)
-    except Exception as e:  # the exporter raises many types; name the model and what to try
+    except Exception as e:  # the exporter raises many types; name the model, the op and what to try
+        unruled = _ops_without_rule(gm)
+        hint = (f"the program calls {', '.join(unruled)}, which has no lowering rule: add a Rule for it to the "
+                "table (graphpress.lowering.rules)" if unruled else
+                "an op without an ONNX translation needs a rule in graphpress.lowering (see rules.py)")
         raise LoweringError(
-            f"cannot export {program.name} to ONNX: {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
-            "An op without an ONNX translation needs a rule in graphpress.lowering (see rules.py)."
+            f"cannot export {program.name} to ONNX: {hint}. The exporter said: {type(e).__name__}: "
+            f"{one_line(e, 300)}"
         ) from e
     model = compact(exported.model_proto)
     name_dynamic_dims(model, program)
@@ -112,6 +119,13 @@ def export_onnx(
                 f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
             )
     return result
+
+
+def _ops_without_rule(gm: torch.fx.GraphModule) -> list[str]:
+    """Custom ops (outside aten and prims) still in the graph after the rules were applied."""
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+           and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in ("aten", "prims")}
+    return sorted(o.removesuffix(".default").replace(".", "::", 1) for o in ops)
 
 
 def fold_and_clean(model: onnx_ir.Model, iterations: int = 2) -> None:

@@ -1,6 +1,10 @@
-"""Compression passes, one file per transformation family. ``PASSES`` maps a recipe name to its class."""
+"""Compression passes, one file per transformation family. ``PASSES`` maps a recipe name to its class;
+``register_pass`` adds a user's pass (a plugin module calls it, and a recipe's ``plugins:`` or the CLI's
+``--plugin`` imports that module)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
@@ -29,4 +33,28 @@ PASSES: dict[str, type[Pass]] = {
     "fuse_rotary": FuseRotary,
 }
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection"]
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Make ``cls`` usable by name in recipes (``- pass: NAME``); returns it, so it also works as a decorator.
+
+    ``cls`` is a frozen dataclass subclassing ``Pass`` with a class attribute ``name``; a name already taken
+    by another class is refused (the same class, or the same plugin module imported again, replaces itself)."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_pass: {cls!r} is not a dataclass subclassing graphpress.passes.Pass")
+    name = cls.name
+    if not isinstance(name, str) or not name or name == Pass.name:
+        raise ValueError(f"register_pass: {cls.__name__} needs a class attribute `name` (the recipe's pass name)")
+    taken = PASSES.get(name, cls)
+    reloaded = _origin(taken) == _origin(cls)  # the same plugin file imported again (as another module)
+    if taken is not cls and not reloaded:
+        raise ValueError(f"register_pass: the name {name!r} of {cls.__name__} is taken by {PASSES[name].__name__}")
+    PASSES[name] = cls
+    return cls
+
+
+def _origin(cls: type) -> tuple[str, str]:
+    return cls.__qualname__, getattr(getattr(cls.__call__, "__code__", None), "co_filename", "")
+
+
+__all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Selection", "register_pass"]

@@ -8,6 +8,7 @@
         bits: 4
         group_size: 128
         targets: ['model\\.layers\\.']
+    plugins: [my_passes.py]       # optional; modules that register their own passes (register_pass)
     calibration: {windows: 64, length: 512, batch: 8}   # optional; for passes that run the model
     lowering: {accuracy_level: 4}             # optional; options of the onnxruntime rule table
 
@@ -17,15 +18,20 @@ Named recipes are the YAML files beside this module; ``load_recipe`` also takes 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import inspect
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
+from graphpress.errors import one_line
 from graphpress.passes import PASSES, Pass
 
 RECIPE_DIR = Path(__file__).parent
@@ -79,7 +85,8 @@ def load_recipe(name_or_path: str | None) -> Recipe:
     return recipe_from_dict(data, source=str(path))
 
 
-TOP_LEVEL = {"name": str, "description": str, "passes": list, "calibration": dict, "lowering": dict}
+TOP_LEVEL = {"name": str, "description": str, "plugins": list, "passes": list, "calibration": dict,
+             "lowering": dict}
 # calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward
 CALIBRATION = ("windows", "length", "batch", "sentences")
 
@@ -94,6 +101,11 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     for key, kind in TOP_LEVEL.items():
         if data.get(key) is not None and not isinstance(data[key], kind):
             raise RecipeError(f"recipe {source}: {key!r} must be a {_KIND_NAMES[kind]}, not {data[key]!r}")
+    for plugin in data.get("plugins") or []:
+        try:
+            load_plugin(plugin, Path(source).parent)
+        except PluginError as e:
+            raise RecipeError(f"recipe {source}: {e}") from e
     passes = [_build_pass(entry, i, source) for i, entry in enumerate(data["passes"])]
     calibration = dict(data.get("calibration") or {})
     for key, value in calibration.items():
@@ -114,6 +126,38 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
 
 
 _KIND_NAMES = {str: "string", list: "list", dict: "mapping"}
+
+
+class PluginError(ValueError):
+    """A plugin module that cannot be imported."""
+
+
+def load_plugin(ref: Any, base: Path | None = None) -> ModuleType:
+    """Import a plugin: a ``.py`` file (relative to ``base``, the recipe's folder) or a module name on the path.
+    The module registers its passes with ``graphpress.passes.register_pass`` when imported."""
+    if not isinstance(ref, str) or not ref:
+        raise PluginError(f"plugin {ref!r} must be a .py file or a module name")
+    if ref.endswith(".py"):
+        path = Path(ref)
+        if not path.is_absolute() and base is not None and not path.is_file():
+            path = base / path
+        if not path.is_file():
+            raise PluginError(f"plugin {ref} does not exist")
+        name = f"graphpress_plugin_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise PluginError(f"plugin {ref} failed to import: {type(e).__name__}: {one_line(e, 200)}") from e
+        return module
+    try:
+        return importlib.import_module(ref)
+    except Exception as e:
+        raise PluginError(f"plugin {ref} failed to import: {type(e).__name__}: {one_line(e, 200)}") from e
 
 
 def _check_lowering(options: dict[str, Any], source: str) -> None:

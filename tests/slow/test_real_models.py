@@ -65,7 +65,7 @@ def test_smollm2_perplexity_is_14_94() -> None:
 
 def test_default_compress_onnx_matches_torch_perplexity(tmp_path: Path) -> None:
     out = tmp_path / "default"
-    assert main(["compress", "--out", str(out)]) == 0
+    assert main(["compress", "--out", str(out), "--eval-torch"]) == 0
     report = json.loads((out / "report.json").read_text())
     evals = report["evaluation"]
     assert report["model"]["name"] == "smollm2-135m"

@@ -1,0 +1,51 @@
+"""Program.save / Program.load: a compressed program reloads in a fresh process without re-running passes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graphpress.lowering.onnx import export_onnx, ort_forward
+from graphpress.program import Program
+from graphpress.recipes import load_recipe
+from graphpress.runner import run_pipeline
+from tests.conftest import capture_tiny
+
+RELOAD = """
+import sys
+from graphpress.lowering.onnx import export_onnx
+from graphpress.program import Program
+program = Program.load(sys.argv[1])
+assert program.output_names == ("logits",) and program.dynamic_dims[0] == {0: "batch", 1: "seq"}
+export_onnx(program, sys.argv[2])
+"""
+
+
+def test_a_w4_program_reloads_in_a_fresh_process_and_exports_the_same(tmp_path: Path) -> None:
+    program = capture_tiny("llama")
+    calibration = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)),)]
+    compressed, _ = run_pipeline(program, load_recipe("w4-rtn").passes, calibration=calibration)
+    saved = compressed.save(tmp_path / "w4.pt2")
+    first = export_onnx(compressed, tmp_path / "first.onnx")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "second.onnx")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ids = torch.randint(0, 128, (3, 21), generator=torch.Generator().manual_seed(3))
+    a = ort_forward(first.path)(ids)
+    b = ort_forward(tmp_path / "second.onnx")(ids)
+    np.testing.assert_array_equal(a, b)
+    reloaded = Program.load(saved)  # and in this process, it computes what the program did
+    torch.testing.assert_close(reloaded(ids), compressed(ids))
+
+
+def test_loading_what_graphpress_did_not_save_is_refused(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    ep = torch.export.export(model, (torch.randn(2, 3),))
+    torch.export.save(ep, tmp_path / "plain.pt2")
+    with pytest.raises(ValueError, match="not saved by graphpress"):
+        Program.load(tmp_path / "plain.pt2")

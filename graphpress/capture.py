@@ -29,6 +29,9 @@ from graphpress.program import Program
 log = logging.getLogger(__name__)
 
 
+HF_OUTPUT = {"causal-lm": "logits", "encoder": "last_hidden_state"}  # the one output of a Hugging Face model
+
+
 class CaptureError(RuntimeError):
     """A model that torch.export could not trace; the message names the module and source line."""
 
@@ -53,9 +56,16 @@ def capture(
     tensor the forward returns, flattened (``output``, or ``output_0, output_1, ...``; a dict's keys).
     """
     name = name or type(model).__name__
-    named = _bind_inputs(model, example_inputs, name)
+    named, positional = _bind_inputs(model, example_inputs, name)
     input_names = tuple(k for k, v in named.items() if isinstance(v, torch.Tensor))
     constants = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
+    for k, v in constants.items():
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(v)):
+            raise CaptureError(f"cannot capture {name}: input {k!r} holds tensors inside a {type(v).__name__}; "
+                               "pass each tensor as an input of its own (or wrap the model)")
+    if positional and constants:
+        raise CaptureError(f"cannot capture {name}: its forward takes *args, so every example input must be a "
+                           f"tensor (got {', '.join(constants)}); bind the others in a wrapper module")
     if not input_names:
         raise CaptureError(f"cannot capture {name}: its example inputs hold no tensor; pass at least one tensor")
     hf_kind = _hf_kind(model)
@@ -72,8 +82,9 @@ def capture(
     model.eval()
     try:
         with _module_tracker(model) as active, _quiet_torch(), contextlib.redirect_stderr(io.StringIO()) as err:
-            output_names, flatten = _outputs(model, hf_kind, input_names, inputs, constants, name, active)
-            view = _view(model, input_names, constants, flatten)
+            output_names, flatten = _outputs(model, hf_kind, input_names, inputs, constants, positional, name,
+                                             active)
+            view = _view(model, hf_kind, input_names, constants, flatten, positional)
             shapes = tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in dynamic_dims)
             try:
                 ep = torch.export.export(view, inputs, dynamic_shapes=shapes, strict=False)
@@ -95,10 +106,11 @@ def capture(
     )
 
 
-def _bind_inputs(model: nn.Module, example_inputs: Any, name: str) -> dict[str, Any]:
-    """Example inputs by parameter name of ``model.forward`` (positional ones bound to the signature)."""
+def _bind_inputs(model: nn.Module, example_inputs: Any, name: str) -> tuple[dict[str, Any], bool]:
+    """Example inputs by parameter name of ``model.forward`` (positional ones bound to the signature), and
+    whether they must be passed by position (a forward taking ``*args``, or without a signature)."""
     if isinstance(example_inputs, Mapping):
-        return dict(example_inputs)
+        return dict(example_inputs), False
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
@@ -110,11 +122,11 @@ def _bind_inputs(model: nn.Module, example_inputs: Any, name: str) -> dict[str, 
         raise CaptureError(f"cannot capture {name}: its {len(example_inputs)} example inputs do not fit "
                            f"forward{inspect.signature(model.forward)}: {e}") from e
     except ValueError:  # no signature (a builtin forward): name them by position
-        return {f"input_{i}": x for i, x in enumerate(example_inputs)}
+        return {f"input_{i}": x for i, x in enumerate(example_inputs)}, True
     params = inspect.signature(model.forward).parameters
     if any(params[k].kind is inspect.Parameter.VAR_POSITIONAL for k in bound.arguments):
-        return {f"input_{i}": x for i, x in enumerate(example_inputs)}
-    return dict(bound.arguments)
+        return {f"input_{i}": x for i, x in enumerate(example_inputs)}, True
+    return dict(bound.arguments), False
 
 
 def _widen(x: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
@@ -124,14 +136,15 @@ def _widen(x: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
 
 
 def _outputs(model: nn.Module, hf_kind: str | None, input_names: tuple[str, ...], inputs: tuple[torch.Tensor, ...],
-             constants: dict[str, Any], name: str, active: list[str]) -> tuple[tuple[str, ...], bool]:
+             constants: dict[str, Any], positional: bool, name: str, active: list[str]
+             ) -> tuple[tuple[str, ...], bool]:
     """Output names, and whether the forward's result is flattened: HF models name one output; other modules
     are run once eagerly (which also reports a model that fails on its own inputs before any tracing)."""
     if hf_kind:
-        return ("logits" if hf_kind == "causal-lm" else "last_hidden_state",), False
+        return (HF_OUTPUT[hf_kind],), False
     try:
         with torch.no_grad():
-            out = model(**dict(zip(input_names, inputs, strict=True)), **constants)
+            out = model(*inputs) if positional else model(**dict(zip(input_names, inputs, strict=True)), **constants)
     except Exception as e:
         raise CaptureError(_explain(name, e, active, "fails on its example inputs")) from e
     leaves, _ = pytree.tree_flatten_with_path(out)
@@ -161,7 +174,8 @@ def _hf_kind(model: nn.Module) -> str | None:
     return "causal-lm" if model.can_generate() else "encoder"
 
 
-def _view(model: nn.Module, input_names: tuple[str, ...], constants: dict[str, Any], flatten: bool) -> nn.Module:
+def _view(model: nn.Module, hf_kind: str | None, input_names: tuple[str, ...], constants: dict[str, Any],
+          flatten: bool, positional: bool) -> nn.Module:
     """A shallow view of ``model`` whose forward takes the tensor inputs positionally and returns tensors.
 
     The view shares the model's parameter and submodule dicts, so qualified names and tensors are the
@@ -169,15 +183,17 @@ def _view(model: nn.Module, input_names: tuple[str, ...], constants: dict[str, A
     without a KV cache and return one tensor; other modules return their tensors flattened.
     """
     cls = type(model)
-    hf_kind = _hf_kind(model)
 
     def forward(self: nn.Module, *args: torch.Tensor) -> Any:
-        kwargs = {**dict(zip(input_names, args, strict=True)), **constants}
-        if hf_kind == "causal-lm":
-            kwargs["use_cache"] = False
-        out = cls.forward(self, **kwargs)
+        if positional:
+            out = cls.forward(self, *args)
+        else:
+            kwargs = {**dict(zip(input_names, args, strict=True)), **constants}
+            if hf_kind == "causal-lm":
+                kwargs["use_cache"] = False
+            out = cls.forward(self, **kwargs)
         if hf_kind:
-            return out.logits if hf_kind == "causal-lm" else out.last_hidden_state
+            return getattr(out, HF_OUTPUT[hf_kind])
         if flatten:
             return tuple(v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor))
         return out

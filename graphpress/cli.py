@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt as e:
         what = "SIGTERM" if isinstance(e, Interrupted) else "SIGINT"
-        print(f"graphpress: interrupted ({what}): nothing was written; what this run had staged is removed",
+        print(f"graphpress: interrupted ({what}): the run did not finish; nothing half-written is left",
               file=sys.stderr)
         return 143 if isinstance(e, Interrupted) else 130
     except Exception as e:  # every failure ends as one actionable line, not a traceback
@@ -185,8 +185,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _onnx_file(target: str) -> Path | None:
     """The ONNX file ``target`` names (a file, or an output directory holding model.onnx), or None."""
+    from graphpress.outputs import MANIFEST
+
     path = Path(target)
-    if path.is_dir() and (path / "model.onnx").is_file():
+    if path.is_dir() and (path / "model.onnx").is_file() and (path / MANIFEST).is_file():
         return path / "model.onnx"
     if target.endswith(".onnx"):
         if not path.is_file():

@@ -177,7 +177,8 @@ def latency_feed(src: Source, program: Program, tokens: int = LATENCY_TOKENS) ->
         inputs = sample_inputs(dataclasses.replace(src, tokenizer=None), tokens, rows=1)
         assert isinstance(inputs, dict)
         return {k: v.numpy() for k, v in inputs.items()}
-    return {k: x[:1].numpy() for k, x in zip(program.input_names, program.example_inputs, strict=True)}
+    return {k: (x[:1] if x.dim() else x).numpy() for k, x in zip(program.input_names, program.example_inputs,
+                                                                   strict=True)}
 
 
 def compress(

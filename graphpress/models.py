@@ -54,7 +54,8 @@ def context_length(model: nn.Module) -> int | None:
         n = getattr(config, key, None)
         if isinstance(n, int) and n > 0:
             # RoBERTa-style learned positions start after the padding index
-            offset = (config.pad_token_id + 1) if getattr(config, "model_type", "") in _PADDED_POSITIONS else 0
+            pad = getattr(config, "pad_token_id", None)
+            offset = (pad if isinstance(pad, int) else 1) + 1 if getattr(config, "model_type", "") in _PADDED_POSITIONS else 0
             return n - offset
     return None
 

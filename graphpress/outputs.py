@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,19 +67,31 @@ def check_output(out: Path, *, force: bool = False, protected: Iterable[Path] = 
 
 
 def _foreign_files(out: Path) -> list[str]:
-    """Paths under ``out`` that its manifest does not list (all of them when there is no manifest)."""
-    written = set(_manifest(out))
-    found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() or p.is_symlink())
-    return [f for f in found if f != MANIFEST and f not in written]
+    """What under ``out`` graphpress did not write: without a valid manifest, every entry; with one, every
+    file (or link) it does not list, and every folder that cannot be read (its files cannot be checked)."""
+    written = _manifest(out)
+    if written is None:
+        return sorted(p.name for p in out.iterdir())
+    found: list[str] = []
+    unreadable: list[str] = []
+    for root, dirs, files in os.walk(out, onerror=lambda e: unreadable.append(str(e.filename))):
+        rel = Path(root).relative_to(out)
+        found += [str(rel / f) for f in files]
+        found += [str(rel / d) for d in dirs if (Path(root) / d).is_symlink()]  # never followed
+    listed = set(written)
+    return sorted(unreadable) + sorted(f for f in found if f != MANIFEST and f not in listed)
 
 
-def _manifest(out: Path) -> list[str]:
+def _manifest(out: Path) -> list[str] | None:
+    """The files a graphpress manifest in ``out`` lists, or None when there is no valid one."""
     try:
         data = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
-        return []
+        return None
     files = data.get("files") if isinstance(data, dict) and data.get("writer") == "graphpress" else None
-    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return files
 
 
 @contextlib.contextmanager
@@ -88,9 +102,9 @@ def staged_output(out: Path, *, force: bool = False, protected: Iterable[Path] =
     created = _missing_parents(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{STAGING}-{os.getpid()}-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{STAGING}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # the umask's mode, like any directory the user makes (mkdtemp would make it 0700)
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an output is an ordinary directory
         yield tmp
         _write_manifest(tmp)
         check_output(out, force=force, protected=protected)  # nothing moved in while we worked
@@ -104,30 +118,49 @@ def staged_output(out: Path, *, force: bool = False, protected: Iterable[Path] =
 
 
 def _swap(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
+    """Put ``tmp`` in place of ``out``; an earlier output is set aside first and comes back if that fails.
+    SIGINT and SIGTERM wait until the renames are done."""
+    retired = None
+    with _signals_deferred():
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            retired = out.parent / f".{out.name}.{RETIRED}-{os.getpid()}-{secrets.token_hex(4)}"
+            out.rename(retired)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if retired is not None:
+                retired.rename(out)
+            raise
+    if retired is not None:
+        _remove_output(retired)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    if not any(out.iterdir()):
-        out.rmdir()
-        tmp.rename(out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.{RETIRED}-{os.getpid()}-", dir=out.parent))
-    retired.rmdir()
-    out.rename(retired)
-    tmp.rename(out)
-    _remove_output(retired)
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _remove_output(d: Path) -> None:
-    """Remove an earlier output: the files its manifest lists, then the directories they leave empty."""
-    for f in (*_manifest(d), MANIFEST):
-        with contextlib.suppress(FileNotFoundError):
-            (d / f).unlink()
-    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    """Remove an earlier output: the files its manifest lists that are really there (relative paths inside
+    ``d``, never through a link), then the folders they leave empty."""
+    present = {str(Path(root, f).relative_to(d)) for root, _, files in os.walk(d) for f in files}
+    for f in (*(_manifest(d) or []), MANIFEST):
+        if f in present and ".." not in Path(f).parts:
+            with contextlib.suppress(FileNotFoundError):
+                (d / f).unlink()
+    for root, _, _ in sorted(os.walk(d), key=lambda w: len(Path(w[0]).parts), reverse=True):
         with contextlib.suppress(OSError):
-            sub.rmdir()
-    with contextlib.suppress(OSError):
-        d.rmdir()
+            Path(root).rmdir()
 
 
 def _write_manifest(d: Path) -> None:
@@ -136,13 +169,14 @@ def _write_manifest(d: Path) -> None:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove staging (and retired) directories of ``out`` left by runs that were killed outright."""
+    """Remove staging (and retired) directories of ``out`` left by runs that were killed outright (their
+    process is gone; a run on another machine sharing the folder would look gone too)."""
     removed = []
     for kind, remove in ((STAGING, shutil.rmtree), (RETIRED, _remove_output)):
         prefix = f".{out.name}.{kind}-"  # then PID-random
-        for d in out.parent.glob(prefix + "*"):
-            pid = d.name[len(prefix):].split("-", 1)[0]
-            if d.is_dir() and not d.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+        for d in out.parent.iterdir():
+            pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+            if pid.isdecimal() and pid.isascii() and d.is_dir() and not d.is_symlink() and not _alive(int(pid)):
                 remove(d)  # a staging directory is all graphpress's; a retired one, its manifest's files
                 removed.append(d)
     return removed
@@ -166,9 +200,3 @@ def _missing_parents(d: Path) -> list[Path]:
         missing.append(d)
         d = d.parent
     return missing
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

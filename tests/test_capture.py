@@ -119,3 +119,23 @@ def test_inputs_that_do_not_fit_are_refused_in_one_line() -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(CaptureError, match="hold no tensor"):
         capture(model, {"input": 3.0}, name="lin")
+
+
+class _Star(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.fc(xs[0] + xs[1])
+
+
+def test_a_forward_taking_args_is_called_by_position() -> None:
+    model = _Star().eval()
+    program = capture(model, (torch.randn(2, 4), torch.randn(2, 4)), name="star")
+    assert program.input_names == ("input_0", "input_1")
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(program(a, b), model(a, b))
+    with pytest.raises(CaptureError, match="holds tensors inside a list"):
+        capture(nn.Linear(4, 2), {"input": [torch.randn(2, 4)]}, name="lin")

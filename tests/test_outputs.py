@@ -91,3 +91,36 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_users_own_dotfile_or_a_forged_manifest_removes_nothing(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / MANIFEST).write_text("my notes")  # the name, but not a graphpress manifest
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(mine, force=True)
+    out = tmp_path / "out"
+    _write(out, {"model.onnx": "old"})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("user data")
+    (out / MANIFEST).write_text('{"writer": "graphpress", "files": ["model.onnx", "../victim.txt", ""]}')
+    _write(out, {"model.onnx": "new"}, force=True)
+    assert victim.read_text() == "user data" and (out / "model.onnx").read_text() == "new"
+
+
+def test_a_failed_swap_puts_the_earlier_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    _write(out, {"model.onnx": "old"})
+    rename = Path.rename
+
+    def failing(self: Path, target: Path) -> Path:
+        if STAGING in self.name:
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _write(out, {"model.onnx": "new"}, force=True)
+    monkeypatch.undo()
+    assert (out / "model.onnx").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

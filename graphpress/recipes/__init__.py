@@ -139,8 +139,8 @@ def load_plugin(ref: Any, base: Path | None = None) -> ModuleType:
         raise PluginError(f"plugin {ref!r} must be a .py file or a module name")
     if ref.endswith(".py"):
         path = Path(ref)
-        if not path.is_absolute() and base is not None and not path.is_file():
-            path = base / path
+        if not path.is_absolute() and base is not None and (base / path).is_file():
+            path = base / path  # beside the recipe first
         if not path.is_file():
             raise PluginError(f"plugin {ref} does not exist")
         name = f"graphpress_plugin_{path.stem}"

@@ -212,7 +212,7 @@ def print_summary(report: dict[str, Any], out: Path, console: Any = None) -> Non
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in report["passes"]:
         err = r.get("error") or {}
-        sq = err.get("sqnr_db", "-")
+        sq = err.get("sqnr_db")
         table.add_row(
             r["name"], ("exact" if r["exact"] else "lossy") if r["modified"] else "none", f"{r['seconds']:.1f}",
             f"{r['nodes_before']}→{r['nodes_after']}", f"{r['bytes_before'] / 1e6:.1f}→{r['bytes_after'] / 1e6:.1f}",

@@ -42,10 +42,6 @@ class LoadedModel:
     source: str
     no_tokenizer: str = ""
 
-    @property
-    def context(self) -> int | None:
-        return context_length(self.model)
-
 
 def context_length(model: nn.Module) -> int | None:
     """How many positions the model can attend to, from its config (None when it names no limit)."""

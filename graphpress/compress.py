@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 import traceback
@@ -34,7 +32,7 @@ from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
 from graphpress.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, context_length, load_model
 from graphpress.outputs import check_output, staged_output
 from graphpress.program import Program
-from graphpress.recipes import Recipe, load_recipe
+from graphpress.recipes import Recipe, import_file, load_recipe
 from graphpress.runner import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -91,13 +89,8 @@ def _from_python_file(ref: str) -> Source:
     path, fn_name = ref.split(":", 1)
     if not Path(path).is_file():
         raise ModelNotFoundError(f"model file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    folder = str(Path(path).resolve().parent)
-    sys.path.insert(0, folder)  # the file may import its neighbours (or define passes a recipe uses)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(Path(path), f"graphpress_model_{Path(path).stem}")
         factory: Callable[[], Any] | None = getattr(module, fn_name, None)
         if not callable(factory):
             raise ModelNotFoundError(f"{path} has no function {fn_name!r} returning (module, example_inputs)")
@@ -106,9 +99,6 @@ def _from_python_file(ref: str) -> Source:
         raise
     except Exception as e:  # the user's code: name the file, the line and the error
         raise ModelNotFoundError(f"{ref} failed: {type(e).__name__} at {_user_line(e, path)}: {one_line(e)}") from e
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(folder)
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise ModelNotFoundError(f"{ref} must return (module, example_inputs): a tuple of an nn.Module and its "
                                  f"inputs, not {describe(result)}")

@@ -17,6 +17,7 @@ Named recipes are the YAML files beside this module; ``load_recipe`` also takes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -132,6 +133,26 @@ class PluginError(ValueError):
     """A plugin module that cannot be imported."""
 
 
+def import_file(path: Path, name: str) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (in ``sys.modules``, so its dataclasses resolve),
+    with its folder on ``sys.path`` while it runs so that it can import its neighbours."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    folder = str(Path(path).resolve().parent)
+    sys.modules[name] = module
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+    return module
+
+
 def load_plugin(ref: Any, base: Path | None = None) -> ModuleType:
     """Import a plugin: a ``.py`` file (relative to ``base``, the recipe's folder) or a module name on the path.
     The module registers its passes with ``graphpress.passes.register_pass`` when imported."""
@@ -143,17 +164,10 @@ def load_plugin(ref: Any, base: Path | None = None) -> ModuleType:
             path = base / path  # beside the recipe first
         if not path.is_file():
             raise PluginError(f"plugin {ref} does not exist")
-        name = f"graphpress_plugin_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            return import_file(path, f"graphpress_plugin_{path.stem}")
         except Exception as e:
-            del sys.modules[name]
             raise PluginError(f"plugin {ref} failed to import: {type(e).__name__}: {one_line(e, 200)}") from e
-        return module
     try:
         return importlib.import_module(ref)
     except Exception as e:

@@ -201,7 +201,8 @@ def _staging(parent: Path) -> list[Path]:
 def test_interrupted_compress_leaves_nothing(sig: int, tmp_path: Path) -> None:
     before = _snapshot(tmp_path)
     done = _run_until(["compress", "tiny-llama", "--out", "out"], tmp_path, lambda: bool(_staging(tmp_path)), sig)
-    assert done.returncode == (130 if sig == signal.SIGINT else 143), done.stderr
+    # 130 / 143 from graphpress; a SIGINT that lands again while Python exits ends it by the signal itself (-2)
+    assert done.returncode in ((130, -signal.SIGINT) if sig == signal.SIGINT else (143,)), done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("graphpress: interrupted"), done.stderr
     assert _snapshot(tmp_path) == before  # no staging directory, no output
 

@@ -33,7 +33,10 @@ _EXPORTS = {
     "LoweringError": "graphpress.lowering.onnx",
     "Rule": "graphpress.lowering.rules",
     "RuleTable": "graphpress.lowering.rules",
+    "TargetError": "graphpress.lowering.rules",
     "onnxruntime_rules": "graphpress.lowering.onnxruntime_rules",
+    "target_rules": "graphpress.lowering.targets",
+    "register_target": "graphpress.lowering.targets",
     "compress": "graphpress.compress",
 }
 

@@ -10,7 +10,7 @@ For SmolLM2-sized matmuls, x [1, T, K] @ W^T with W [N, K], one single-node (or 
     per-token    Abs, ReduceMax, Div, Round, Add 128, Cast + MatMulInteger(u8, s8) + Mul, Mul
                  (x quantized per token, symmetric int8 stored as uint8 with zero point 128)
     rows-dqmm    Abs, ReduceMax, Div + DynamicQuantizeMatMul + Mul   (each row scaled to absmax 1 first: per
-                 token, 255 levels; graphpress's lowering of matmul_w8a8)
+                 token, 255 levels; graphpress's lowering of W8A8 quantized_linear)
 Times are the minimum and the 25th percentile over rounds interleaved across options (other jobs share the
 machine, so the minimum is the better estimate of the uncontended time); SQNR is against the float product on activations with varied row ranges, with and without one outlier channel (x20).
 """

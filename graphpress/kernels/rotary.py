@@ -7,7 +7,7 @@
 
 The reference is those four ops (what the model computed before ``fuse_rotary``); the onnxruntime lowering is
 one ONNX RotaryEmbedding (opset 23), which reads cos[..., :D/2] and so needs the halves to repeat, which
-``fuse_rotary`` checks before it fuses.
+``fuse_rotary`` checks before it fuses. The op is linear in x, so its backward is the transposed rotation.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ import torch
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_half_transposed(y: torch.Tensor) -> torch.Tensor:
+    """The adjoint of ``rotate_half``: <rotate_half(x), y> = <x, rotate_half_transposed(y)>."""
+    half = y.shape[-1] // 2
+    return torch.cat((y[..., half:], -y[..., :half]), dim=-1)
 
 
 def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -31,3 +37,19 @@ rotary_embedding = torch.library.custom_op("graphpress::rotary_embedding", rotar
 @rotary_embedding.register_fake
 def _(x, cos, sin):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, cos, sin = inputs
+    ctx.save_for_backward(x, cos, sin)
+
+
+def _backward(ctx, grad):  # noqa: ANN001, ANN202
+    x, cos, sin = ctx.saved_tensors
+    grad_x = grad * cos + rotate_half_transposed(grad * sin) if ctx.needs_input_grad[0] else None
+    grad_cos = (grad * x).sum_to_size(cos.shape) if ctx.needs_input_grad[1] else None
+    grad_sin = (grad * rotate_half(x)).sum_to_size(sin.shape) if ctx.needs_input_grad[2] else None
+    return grad_x, grad_cos, grad_sin
+
+
+rotary_embedding.register_autograd(_backward, setup_context=_setup)

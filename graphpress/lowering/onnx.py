@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from graphpress.errors import one_line
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
-from graphpress.lowering.rules import RuleTable, apply_rules
+from graphpress.lowering.rules import RuleTable, TargetError, apply_rules
 from graphpress.metrics import compare_outputs
 from graphpress.program import Program
 
@@ -64,14 +64,15 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``program`` to ``path``; with ``check``, run it in onnxruntime and compare with torch.
 
-    The check passes when the SQNR of onnxruntime's output against the torch program reaches the rule
-    table's ``check_sqnr_db`` (exact exports land above 100 dB; a wrong layout near 0 dB), or, when
-    ``tolerance`` is given, when the max relative error is at most ``tolerance``. ``rules``: the target's
-    table, to which a caller adds its own (``onnxruntime_rules() + RuleTable((Rule(op, fn),))``).
+    The check passes when the SQNR of onnxruntime's output against the torch program reaches the floor of
+    the rules used (``Rule.check_sqnr_db``: 60 dB for exact lowerings and plain float programs; a wrong layout
+    lands near 0 dB), or, when ``tolerance`` is given, when the max relative error is at most ``tolerance``.
+    ``rules``: the target's table, to which a caller adds its own (``onnxruntime_rules() + RuleTable((Rule(op,
+    fn),))``).
     """
     path = Path(path)
     rules = rules if rules is not None else onnxruntime_rules()
-    gm, lowered = apply_rules(program.gm, rules)
+    gm, lowered, floor = apply_rules(program.gm, rules)
     try:
         exported = torch.onnx.export(
             gm,
@@ -89,6 +90,9 @@ def export_onnx(
         # batch 1); graphpress fuses norms and rotaries itself, checked (passes/fuse.py)
         fold_and_clean(exported.model)
     except Exception as e:  # the exporter raises many types; name the model, the op and what to try
+        refusal = _cause(e, TargetError)
+        if refusal is not None:
+            raise LoweringError(f"cannot export {program.name}: {refusal}") from e
         unruled = _ops_without_rule(gm)
         hint = (f"the program calls {', '.join(unruled)}, which has no lowering rule: add a Rule for it to the "
                 "table (graphpress.lowering.rules)" if unruled else
@@ -109,8 +113,7 @@ def export_onnx(
     log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
     result = ExportResult(path, size, lowered, None)
     if check:
-        result.check = c = check_onnx(program, path)
-        floor = rules.check_sqnr_db if lowered else max(rules.check_sqnr_db, 60.0)  # plain float: near exact
+        result.check = c = {**check_onnx(program, path), "floor_db": floor}
         ok = c["max_rel"] <= tolerance if tolerance is not None else c["sqnr_db"] >= floor
         if not ok:
             bound = f"max rel {tolerance:g}" if tolerance is not None else f"SQNR {floor:g} dB"
@@ -119,6 +122,17 @@ def export_onnx(
                 f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
             )
     return result
+
+
+def _cause(e: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in e's chain (the exporter wraps what a rule raised)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _ops_without_rule(gm: torch.fx.GraphModule) -> list[str]:

@@ -1,24 +1,28 @@
-"""Lowering rules to onnxruntime contrib ops (domain ``com.microsoft``).
+"""The onnxruntime target: lowering rules to onnxruntime contrib ops (domain ``com.microsoft``), with options.
 
-    graphpress::matmul_nbits(x, B, scales, zeros, bias, K, N, bits, block_size, accuracy_level)
-        -> com.microsoft::MatMulNBits(x, B, scales, zero_points, g_idx="", bias)  {K, N, bits, block_size,
-           accuracy_level}
-    graphpress::gather_nbits(B, scales, zeros, indices, bits, block_size, H)
-        -> com.microsoft::GatherBlockQuantized(Reshape(B, [V, H * bits / 8]), indices, scales, zero_points)
-           {bits, block_size, gather_axis=0, quantize_axis=1}
-       (B is MatMulNBits' layout; with block_size dividing H the reshape is free and the one stored B also
-       feeds a tied MatMulNBits. The exporter's constant folding copies B only when it is <= 8192 bytes.)
-    graphpress::matmul_w8a8(x, Q [K, N] int8, w_s, bias)
-        -> r = ReduceMax(Abs(x), -1);  com.microsoft::DynamicQuantizeMatMul(x / r, Q, w_s) * r (+ bias)
-           (per-token int8 activations through onnxruntime's fused per-tensor op; see _matmul_w8a8_rule)
+    graphpress::quantized_linear(x, codes, scales, zeros, bias, K, bits, g)
+        kernel "nbits"  -> com.microsoft::MatMulNBits(x, codes as [N, K / block, block * bits / 8], scales,
+                           zero_points, g_idx="", bias) {K, N, bits, block_size, accuracy_level}
+        kernel "int8"   -> the weight dequantized and requantized to int8 per channel by ops on initializers
+                           (onnxruntime folds them into one int8 [K, N] initializer at session start; the file
+                           keeps the packed codes), then the W8A8 product below
+    graphpress::quantized_linear(..., activation_bits=8)
+        -> r = ReduceMax(Abs(x), -1);  com.microsoft::DynamicQuantizeMatMul(x / r, Q [K, N] int8, w_s) * r (+ bias)
+    graphpress::quantized_embedding(codes, scales, zeros, indices, bits, g, H)
+        -> com.microsoft::GatherBlockQuantized(codes as [V, H * bits / 8], indices, scales, zero_points)
+           {bits, block_size, gather_axis=0, quantize_axis=1}; a tied head reads the very same initializer
     graphpress::rotary_embedding(x [B, H, S, D], cos, sin [B|1, 1, S, D])
         -> RotaryEmbedding(x, cos[:, 0, :, :D/2], sin[:, 0, :, :D/2])   (ONNX opset 23)
-    graphpress::matmul_nbits(..., kernel="int8")
-        -> Q, w_s = int8 per-channel requantization of the dequantized weight, written as ops on the
-           initializers (onnxruntime folds them at session start), then the matmul_w8a8 lowering
 
-``accuracy_level`` is the minimum precision onnxruntime may compute in: 0 = unset, 1 = fp32, 2 = fp16,
-3 = bf16, 4 = int8 (activations quantized per block on the fly: fastest on CPU).
+The program's groups become onnxruntime's blocks: a group of a power of two >= 16 is one block; one group per
+row (any K) becomes blocks of the largest such power dividing K (else 64, the last one partial), its scale
+repeated; other groups are refused with what works instead (the int8 kernel takes any).
+
+Options (``onnxruntime_rules(**options)``, a recipe's ``target: {onnxruntime: {...}}`` or the CLI's
+``--target-option``): ``kernel`` (above), ``accuracy_level`` (MatMulNBits' minimum compute precision: 0 unset,
+1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block, fastest on CPU), ``fp16_scales`` (scales rounded to
+float16 values, so that the file stores them in half the bytes; they move weights by at most 2^-11 of their
+value). Each rule states the export check's floor for what it emitted (``Rule.check_sqnr_db``).
 """
 
 from __future__ import annotations
@@ -27,27 +31,92 @@ from collections.abc import Callable
 
 import torch
 
-import graphpress.kernels.gather_nbits  # noqa: F401  (defines torch.ops.graphpress.gather_nbits)
-import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
-import graphpress.kernels.matmul_w8a8  # noqa: F401  (defines torch.ops.graphpress.matmul_w8a8)
+import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
-from graphpress.kernels.matmul_nbits import dequantize_nbits
-from graphpress.lowering.rules import Rule, RuleTable
-from graphpress.quant.int8 import TINY, symmetric_int8_rows
+from graphpress.kernels.quantized import int8_weight, unpack_codes
+from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError
+from graphpress.quant.int8 import TINY
 
 MS = "com.microsoft"
+KERNELS = ("nbits", "int8")
+
+# export-check floors (SQNR of the whole model's output, onnxruntime against the torch program), per emitted
+# computation. Float products are exact up to rounding (> 60 dB; float16 scales ~70 dB). int8 activations
+# round what the torch program keeps in float (or, for activation_bits=8, round the same values, where one
+# tie that falls the other way changes a code and spreads through attention): a 4-bit SmolLM2 measured
+# 28 dB, W8A8 31 dB, a tiny llama 60 dB; a wrong layout measures near 0 dB.
+INT8_ACTIVATIONS_DB = 20.0
+ACCURACY_LEVEL_DB = {0: EXACT_DB, 1: EXACT_DB, 2: 40.0, 3: 30.0, 4: INT8_ACTIVATIONS_DB}
 
 
-def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
-    def lower(x, qweight, scales, zeros, bias, K, N, bits, block_size, accuracy_level=0, kernel="nbits"):  # noqa: ANN001, ANN202, E501
-        if kernel == "int8":
-            # the float weight and its int8 requantization are computed from initializers only, so onnxruntime
-            # folds them into one int8 [K, N] initializer at session start; the file keeps the packed codes
-            w = dequantize_nbits(qweight, scales, zeros, K, bits, block_size)  # [N, K]
-            q, s = symmetric_int8_rows(w)
-            return _matmul_w8a8_rule(x, q.T, s, bias)
-        accuracy_level = accuracy_level if override is None else override
-        inputs = [x, qweight, scales, None if zeros is None else zeros]
+def block_size(group: int, in_features: int, groups: int, what: str) -> int:
+    """onnxruntime's block (a power of two >= 16) for groups of ``group`` columns: the group itself, or for
+    one group per row the largest such power up to 128 that divides K (else 64, the last block partial)."""
+    if group >= 16 and not group & (group - 1):
+        return group
+    if groups == 1:
+        block = 128
+        while block >= 16 and in_features % block:
+            block //= 2
+        return block if block >= 16 else 64
+    raise TargetError(
+        f"onnxruntime cannot lower {what} with groups of {group} columns: MatMulNBits and GatherBlockQuantized "
+        "need blocks of a power of two >= 16. Quantize with group_size 16, 32, 64, 128 ... or null (one group "
+        "per row), or choose kernel: int8"
+    )
+
+
+def _as_blocks(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int, block: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales [N, G] and packed zero points repeated from groups onto blocks (g / block per group)."""
+    if block == group:
+        return scales, zeros
+    repeat = -(-group // block)
+    scales = scales.repeat_interleave(repeat, dim=1)
+    if zeros is not None:  # unpack, repeat, pack again: float ops on a constant, folded at session start
+        zp = unpack_codes(zeros, bits, scales.shape[1] // repeat).repeat_interleave(repeat, dim=1)
+        if bits == 4:
+            zp = torch.nn.functional.pad(zp, (0, zp.shape[1] % 2))
+            zp = zp[:, 0::2] + 16 * zp[:, 1::2]
+        zeros = zp.to(torch.uint8)
+    return scales, zeros
+
+
+def _w8a8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
+
+    DynamicQuantizeMatMul alone quantizes x per tensor (uint8 asymmetric): one loud token costs every row,
+    and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with per-token scales (fp32
+    14.94). Dividing each row by its absmax first (Abs, ReduceMax, Div; Mul after) makes that one scale a
+    per-token one for 3 small elementwise ops; it measured 0.21-0.35 ms against 0.52-1.04 ms for fp32 MatMul
+    per SmolLM2 linear at 128 tokens (``tools/bench_w8a8.py``, BENCHMARKS.md). MLAS takes its u8 x s8 kernel
+    for the int8 B. Caveat: without VNNI, MLAS's u8 x s8 kernel on AVX2 can saturate int16 pair sums
+    (onnxruntime's documented reduce_range issue), where onnxruntime would drift from the reference.
+    """
+    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
+    y = torch.onnx.ops.symbolic(
+        f"{MS}::DynamicQuantizeMatMul", [x / rows, q.T, s], dtype=x.dtype, shape=[*x.shape[:-1], q.shape[0]],
+        version=1,
+    ) * rows
+    return y + bias if bias is not None else y
+
+
+def _round_scales(scales: torch.Tensor, fp16: bool) -> torch.Tensor:
+    return scales.to(torch.float16).to(scales.dtype) if fp16 else scales
+
+
+def _linear_rule(kernel: str, accuracy_level: int, fp16_scales: bool) -> Callable[..., torch.Tensor]:
+    def lower(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
+        scales = _round_scales(scales, fp16_scales)
+        if activation_bits == 8 or kernel == "int8":
+            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size), bias)
+        n, groups = scales.shape
+        block = block_size(group_size, in_features, groups, f"a {bits}-bit linear [{n}, {in_features}]")
+        scales, zeros = _as_blocks(scales, zeros, bits, group_size, block)
+        k_blocks = scales.shape[1]
+        pad = k_blocks * block * bits // 8 - qweight.shape[1]  # a partial last block: bytes x never meets
+        codes = torch.nn.functional.pad(qweight, (0, pad)) if pad else qweight
+        inputs = [x, codes.reshape(n, k_blocks, block * bits // 8), scales, zeros]
         if bias is not None:
             inputs += [None, bias]  # g_idx (unused) sits between zero_points and bias
         while inputs[-1] is None:
@@ -55,9 +124,32 @@ def _matmul_nbits_rule(override: int | None) -> Callable[..., torch.Tensor]:
         return torch.onnx.ops.symbolic(
             f"{MS}::MatMulNBits",
             inputs,
-            attrs={"K": K, "N": N, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level},
+            attrs={"K": in_features, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
             dtype=x.dtype,
-            shape=[*x.shape[:-1], N],
+            shape=[*x.shape[:-1], n],
+            version=1,
+        )
+
+    return lower
+
+
+def _embedding_rule(fp16_scales: bool) -> Callable[..., torch.Tensor]:
+    def lower(qweight, scales, zeros, indices, bits, group_size, hidden):  # noqa: ANN001, ANN202
+        v, groups = scales.shape
+        if hidden * bits % 8:
+            raise TargetError(f"onnxruntime cannot gather a {bits}-bit table of H={hidden} columns: "
+                              "GatherBlockQuantized reads H as whole bytes. Quantize it with 8 bits")
+        block = block_size(group_size, hidden, groups, f"a {bits}-bit embedding [{v}, {hidden}]")
+        scales, zeros = _as_blocks(_round_scales(scales, fp16_scales), zeros, bits, group_size, block)
+        blocks = -(-hidden // block)  # the op reads no padded block
+        data = qweight[:, : hidden * bits // 8]
+        inputs = [data, indices, scales[:, :blocks]] + ([] if zeros is None else [zeros[:, : -(-blocks * bits // 8)]])
+        return torch.onnx.ops.symbolic(
+            f"{MS}::GatherBlockQuantized",
+            inputs,
+            attrs={"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+            dtype=scales.dtype,
+            shape=[*indices.shape, hidden],
             version=1,
         )
 
@@ -71,67 +163,23 @@ def _rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
     return torch.onnx.ops.rotary_embedding(x, cos, sin)
 
 
-def _gather_nbits_rule(qweight, scales, zeros, indices, bits, block_size, hidden):  # noqa: ANN001, ANN202
-    v = qweight.shape[0]
-    data = qweight.reshape(v, hidden * bits // 8)  # [V, k_blocks, bs * bits / 8] -> [V, H * bits / 8], same bytes
-    inputs = [data, indices, scales] + ([] if zeros is None else [zeros])
-    return torch.onnx.ops.symbolic(
-        f"{MS}::GatherBlockQuantized",
-        inputs,
-        attrs={"bits": bits, "block_size": block_size, "gather_axis": 0, "quantize_axis": 1},
-        dtype=scales.dtype,
-        shape=[*indices.shape, hidden],
-        version=1,
-    )
+def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scales: bool = True) -> RuleTable:
+    """The onnxruntime target's rules for the given options (see the module docstring)."""
+    if kernel not in KERNELS:
+        raise TargetError(f"onnxruntime option kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVEL_DB:
+        raise TargetError(f"onnxruntime option accuracy_level must be 0..4, not {accuracy_level!r}")
+    if not isinstance(fp16_scales, bool):
+        raise TargetError(f"onnxruntime option fp16_scales must be true or false, not {fp16_scales!r}")
+    linear_db = INT8_ACTIVATIONS_DB if kernel == "int8" else ACCURACY_LEVEL_DB[accuracy_level]
 
+    def linear_floor(*args: object) -> float:
+        activation_bits = args[8] if len(args) > 8 else 0
+        return INT8_ACTIVATIONS_DB if activation_bits == 8 else linear_db
 
-def _matmul_w8a8_rule(x, qweight, scales, bias):  # noqa: ANN001, ANN202
-    """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
-
-    Measured here (AMD EPYC, 2 cores with AVX-512 VNNI, onnxruntime 1.32), single-op sessions, x [1, 128, K] @ W^T,
-    ms, 2 threads, median of 30-50 runs (``tools/bench_w8a8.py`` compares the same options, interleaved):
-
-        K x N         fp32 MatMul   MatMulNBits 8b acc4   DynamicQuantizeMatMul   this rule
-                                    (block 128)           (per-tensor x)
-        576 x 3072       1.04         0.88                  0.31                   0.35
-        1536 x 576       0.52         0.37                  0.16                   0.21
-        576 x 49152     19.9         13.7                   6.2                     -
-
-    The previous lowering, per-token codes by standard ops (Abs, ReduceMax, Div, Round, Add, Cast) into
-    MatMulInteger, measured 1.3-1.45x DynamicQuantizeMatMul's time per op and cost more than the integer
-    matmuls in the whole model (profile in BENCHMARKS.md).
-
-    DynamicQuantizeMatMul alone quantizes x per tensor (uint8 asymmetric): one loud token costs every row,
-    and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with per-token scales (fp32
-    14.94). Dividing each row by its absmax first (Abs, ReduceMax, Div; Mul after) makes that one scale a
-    per-token one for 3 small elementwise ops. MLAS takes its u8 x s8 kernel for the int8 B. Caveat: without
-    VNNI, MLAS's u8 x s8 kernel on AVX2 can saturate int16 pair sums (onnxruntime's documented reduce_range
-    issue), where onnxruntime would drift from the reference.
-    """
-    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
-    y = torch.onnx.ops.symbolic(
-        f"{MS}::DynamicQuantizeMatMul", [x / rows, qweight, scales], dtype=x.dtype,
-        shape=[*x.shape[:-1], qweight.shape[1]], version=1,
-    ) * rows
-    return y + bias if bias is not None else y
-
-
-# export-check floors (SQNR of the whole model's output, onnxruntime against the torch program). With int8
-# activations (accuracy level 4, matmul_w8a8) the reference emulates the rounding, but one tie that falls the
-# other way in float changes a code and the difference spreads through attention: a 4-bit SmolLM2 measured
-# 28 dB, W8A8 31 dB, a tiny llama 60 dB. A wrong layout measures near 0 dB. Programs with no lowered op are
-# held to 60 dB by export_onnx whatever the table says.
-CHECK_SQNR_DB = {0: 60.0, 1: 60.0, 2: 40.0, 3: 30.0, 4: 20.0}
-
-
-def onnxruntime_rules(accuracy_level: int | None = None) -> RuleTable:
-    """The rules; ``accuracy_level`` forces MatMulNBits' compute precision for every node instead of the one
-    each node carries (which its torch reference emulates, so only an override loosens the export check)."""
-    if accuracy_level not in (None, 0, 1, 2, 3, 4):
-        raise ValueError(f"accuracy_level must be 0..4, not {accuracy_level}")
     return RuleTable((
-        Rule(torch.ops.graphpress.matmul_nbits.default, _matmul_nbits_rule(accuracy_level)),
-        Rule(torch.ops.graphpress.gather_nbits.default, _gather_nbits_rule),
-        Rule(torch.ops.graphpress.matmul_w8a8.default, _matmul_w8a8_rule),
+        Rule(torch.ops.graphpress.quantized_linear.default, _linear_rule(kernel, accuracy_level, fp16_scales),
+             check_sqnr_db=linear_floor),
+        Rule(torch.ops.graphpress.quantized_embedding.default, _embedding_rule(fp16_scales)),
         Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
-    ), check_sqnr_db=CHECK_SQNR_DB[accuracy_level] if accuracy_level is not None else 20.0)
+    ))

@@ -6,6 +6,11 @@ every matching node of a copy of the program to its rule's function; ``torch.onn
 function, and each ``symbolic`` call becomes exactly one ONNX node. Ops without a rule are exported through
 their decomposition (the reference implementation), which is correct but not packed.
 
+Each rule states the export check's floor for what it emits (``check_sqnr_db``: SQNR in dB of the runtime's
+output against the torch program, a number or a function of the node's arguments): exact lowerings 60 dB,
+lossy ones (int8 activations, lower compute precision) their own. The export is held to the lowest floor of
+the rules it used, and to 60 dB when it used none.
+
 Tables compose with ``+``; a new target adds rules and never edits passes.
 """
 
@@ -18,6 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+EXACT_DB = 60.0  # the export check's floor for exact lowerings and plain float programs
+
+
+class TargetError(ValueError):
+    """A program or an option that a target cannot lower; the message says what works instead."""
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -25,14 +36,17 @@ class Rule:
     lower: Callable[..., torch.Tensor]
     # what the emitted node needs to run, for reports and error messages
     target: str = "onnxruntime"
+    # the export check's floor for this rule's output (a function of the node's args for option-dependent ones)
+    check_sqnr_db: float | Callable[..., float] = EXACT_DB
+
+    def floor(self, node: fx.Node) -> float:
+        f = self.check_sqnr_db
+        return float(f(*node.args, **node.kwargs) if callable(f) else f)
 
 
 @dataclass(frozen=True)
 class RuleTable:
     rules: tuple[Rule, ...] = ()
-    # the export check's floor: SQNR of the runtime's output against the torch program. Exact lowerings
-    # land above 100 dB; a table whose ops compute in lower precision (int8 activations) says so here.
-    check_sqnr_db: float = 60.0
 
     def __post_init__(self) -> None:
         ops = [r.op for r in self.rules]
@@ -42,27 +56,29 @@ class RuleTable:
 
     def __add__(self, other: RuleTable | Iterable[Rule]) -> RuleTable:
         extra = other.rules if isinstance(other, RuleTable) else tuple(other)
-        floor = min(self.check_sqnr_db, other.check_sqnr_db) if isinstance(other, RuleTable) else self.check_sqnr_db
-        return RuleTable(self.rules + extra, floor)
+        return RuleTable(self.rules + extra)
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)
 
 
-def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, dict[str, int]]:
-    """A copy of ``gm`` where each custom-op node calls its rule's function, or else its reference."""
+def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, dict[str, int], float]:
+    """A copy of ``gm`` where each custom-op node calls its rule's function, or else its reference; with the
+    count of nodes lowered per op and the export check's floor (the lowest of the rules used, else 60 dB)."""
     from graphpress.kernels import REFERENCES
 
     gm = copy.deepcopy(gm)
     counts: dict[str, int] = {}
+    floor = EXACT_DB
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         rule = table.lookup(node.target)
         if rule is not None:
             counts[str(rule.op)] = counts.get(str(rule.op), 0) + 1
+            floor = min(floor, rule.floor(node))
             node.target = rule.lower
         elif node.target in REFERENCES:
             node.target = REFERENCES[node.target]
     gm.recompile()
-    return gm, counts
+    return gm, counts, floor

@@ -1,6 +1,6 @@
 """GPTQ: weight-only quantization that corrects rounding error with second-order information.
 
-    linear(x, W, b)  =>  matmul_nbits(x, B, scales, zeros, b, ...)   with  W_hat = GPTQ(W, H),  H = 2 X^T X / T
+    linear(x, W, b)  =>  quantized_linear(x, codes, scales, zeros, b, ...)   with  W_hat = GPTQ(W, H),  H = 2 X^T X / T
 
 Calibration streams through the program one block at a time (graphpress.calibration.BlockStream): for each
 block, the inputs of its selected linears are observed to accumulate H (one accumulator per distinct input,
@@ -75,7 +75,7 @@ class GPTQ(WeightOnlyConfig):
             if target not in quantized:  # a linear outside the streamed parts: no Hessian was seen
                 skipped[target] = "not reached by the calibration stream"
                 continue
-            replace_linear(gm, node, quantized[target], accuracy_level=self.accuracy_level, kernel=self.kernel)
+            replace_linear(gm, node, quantized[target])
         cleanup(gm)
         stats = {"quantized": len(quantized), "skipped": skipped, "calibration_batches": len(ctx.calibration)}
         return PassResult(gm, bool(quantized), stats)

@@ -1,14 +1,14 @@
-"""Embedding tables quantized to 8 or 4 bits; a tied output projection shares the packed table.
+"""Embedding tables quantized to 8 or 4 bits; a tied output projection shares the quantized table.
 
-    embedding(W [V, H], ids)  =>  gather_nbits(B, scales, zeros, ids, bits, block, H)
-    linear(x, W, b)           =>  matmul_nbits(x, B, scales, zeros, b, H, V, bits, block)   (W tied, tie_output)
-    with  W ~ (codes - zero) * scale  per block of ``block`` columns of H, rounded to nearest (RTN)
+    embedding(W [V, H], ids)  =>  quantized_embedding(codes, scales, zeros, ids, bits, g, H)
+    linear(x, W, b)           =>  quantized_linear(x, codes, scales, zeros, b, H, bits, g)   (W tied, tie_output)
+    with  W ~ (codes - zero) * scale  per group of g columns of H (or per row), rounded to nearest (RTN)
 
-B is stored once, in MatMulNBits' layout [V, H / block, block * bits / 8]; since the block divides H these are
-also GatherBlockQuantized's bytes [V, H * bits / 8] (see graphpress.kernels.gather_nbits), so the embedding and
-the tied projection read one tensor and the float table is dropped. A requested group size that does not
-divide H is replaced by the largest power of two >= 16 below it that does (SmolLM2: H = 576 = 9 * 64), and
-the choice is reported (stats ``block_size``); H with no such divisor (odd H, for instance) is refused.
+The table is stored once (graphpress.kernels.quantized), so the embedding and the tied projection read one
+tensor and the float table is dropped. Tables are stored in whole groups, without padding (so that a target
+can read the rows as its gather reads them): a requested group size that does not divide H is replaced by
+the largest power of two >= 16 below it that does (SmolLM2: H = 576 = 9 * 64), and the choice is reported
+(stats ``group_size``); H with no such divisor (odd H, for instance) is refused.
 
 Selection: ``targets`` / ``ignore`` match the embedding's module name. In a captured tied model the table is
 one storage under several names (``model.embed_tokens.weight`` and ``lm_head.weight``, and the embedding may
@@ -28,12 +28,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-import graphpress.kernels.gather_nbits  # noqa: F401  (defines torch.ops.graphpress.gather_nbits)
-import graphpress.kernels.matmul_nbits  # noqa: F401  (defines torch.ops.graphpress.matmul_nbits)
+import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 from graphpress.graph import aliases, cleanup, free_target, get_tensor, is_op, module_name, set_tensor
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
-from graphpress.passes.weight_only import check_kernel, fp16_scales
-from graphpress.quant.pack import pack_matmulnbits
 from graphpress.quant.qweight import QuantSpec
 from graphpress.quant.rtn import quantize_rtn
 
@@ -56,21 +53,17 @@ class _Table:
 
 
 def block_size_for(hidden: int, bits: int, group_size: int | None, where: str) -> int:
-    """The block (= group) length used for a table with ``hidden`` columns: the requested group size if it
-    divides H, else the largest power of two >= 16 below it (128 for per-row groups) that does."""
-    if bits == 4 and hidden % 2:
-        raise PassError(
-            f"{where}: H={hidden} is odd; 4-bit codes pack two per byte along H (onnxruntime's "
-            "GatherBlockQuantized reads H as twice the packed width) and no power-of-two block divides it. "
-            "Add this embedding to ignore"
-        )
-    block = group_size or 128
+    """The group length used for a table with ``hidden`` columns: H for one group per row, else the
+    requested group size if it divides H, else the largest power of two >= 16 below it that does."""
+    if group_size is None:
+        return hidden
+    block = group_size
     while block >= 16 and hidden % block:
         block //= 2
-    if block < 16:
+    if block < 16 or block * bits % 8:
         raise PassError(
-            f"{where}: no power of two >= 16 divides H={hidden}, so the table cannot be stored in whole "
-            "blocks that both MatMulNBits and GatherBlockQuantized read; ignore this embedding"
+            f"{where}: no power of two >= 16 up to group_size={group_size} divides H={hidden}, so the table "
+            "cannot be stored in whole groups; use group_size: null (one scale per row) or ignore this embedding"
         )
     return block
 
@@ -85,18 +78,17 @@ class QuantizeEmbedding(Selection, Pass):
     group_size: int | None = 64
     symmetric: bool = False
     clip_search: bool = True
-    # quantize a linear that reads the same storage (tied lm_head) on the shared packed table
+    # quantize a linear that reads the same storage (tied lm_head) on the shared quantized table
     tie_output: bool = True
-    # compute precision of that tied linear (MatMulNBits): 4 = int8 activations per block, 0 = float
-    accuracy_level: int = 4
-    # how that tied linear multiplies (see WeightOnlyConfig.kernel); "int8" with 8 bits and group_size None
-    # (one scale per row) is exact: the requantization finds the same codes
-    kernel: str = "nbits"
+    # 8: that tied projection also quantizes its activations per token (W8A8, graphpress.kernels.quantized);
+    # needs 8-bit symmetric rows (group_size null), which are its int8 weights as they are
+    activation_bits: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
-        check_kernel(self.kernel)
+        if self.activation_bits not in (0, 8):
+            raise ValueError(f"quantize_embedding: activation_bits is 0 (float) or 8, not {self.activation_bits}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         tables = self._tables(gm)
@@ -104,13 +96,12 @@ class QuantizeEmbedding(Selection, Pass):
         blocks = [block_size_for(t.weight.shape[1], self.bits, self.group_size, f"{self.name} on {t.module}")
                   for t in tables]
         stats: dict = {"embeddings": 0, "tied_linears": 0, "bytes_before": 0, "bytes_after": 0,
-                       "block_size": {}, "skipped": {}}
+                       "group_size": {}, "skipped": {}}
         for t, block in zip(tables, blocks, strict=True):
             w = t.weight
             stats["bytes_before"] += w.numel() * w.element_size()
-            stats["block_size"][t.module] = block
-            group = block if self.group_size is not None else None
-            stored = self._rewrite(gm, t, block, group)
+            stats["group_size"][t.module] = block
+            stored = self._rewrite(gm, t, block if self.group_size is not None else None)
             stats["bytes_after"] += stored
             stats["embeddings"] += len(t.embeddings)
             stats["tied_linears"] += len(t.linears) if self.tie_output else 0
@@ -169,16 +160,15 @@ class QuantizeEmbedding(Selection, Pass):
                         table.linears.append(node)
         return list(by_storage.values())
 
-    def _rewrite(self, gm: fx.GraphModule, t: _Table, block: int, group: int | None) -> int:
+    def _rewrite(self, gm: fx.GraphModule, t: _Table, group: int | None) -> int:
         """Quantize t, store it packed once, and retarget its nodes; returns the packed bytes."""
         w = t.weight.detach()
-        v, h = w.shape
+        h = w.shape[1]
         q = quantize_rtn(w.float(), QuantSpec(self.bits, group, self.symmetric), clip_search=self.clip_search)
-        q = fp16_scales(q)  # exact in float16: the ONNX file stores them in half the bytes
-        packed = pack_matmulnbits(q, block)  # B [V, H / block, block * bits / 8]
-        tensors = {"qweight": torch.from_numpy(packed.B), "scales": torch.from_numpy(packed.scales).to(w.dtype)}
-        if packed.zero_points is not None:
-            tensors["qzeros"] = torch.from_numpy(packed.zero_points)
+        qweight, scales, zeros = q.packed()
+        tensors = {"qweight": qweight, "scales": scales.to(w.dtype)}
+        if zeros is not None:
+            tensors["qzeros"] = zeros
         targets = {k: free_target(gm, f"{t.module}.{k}") for k in tensors}
         for k, value in tensors.items():
             set_tensor(gm, targets[k], value, buffer=True)  # codes and scales are buffers, not weights
@@ -192,13 +182,12 @@ class QuantizeEmbedding(Selection, Pass):
                 attrs[k].meta["val"] = tensors[k]
         B, scales, zeros = attrs["qweight"], attrs["scales"], attrs["qzeros"]
         for node in t.embeddings:
-            _replace(gm, node, torch.ops.graphpress.gather_nbits.default,
-                     (B, scales, zeros, node.args[1], self.bits, block, h))
+            _replace(gm, node, torch.ops.graphpress.quantized_embedding.default,
+                     (B, scales, zeros, node.args[1], self.bits, q.group_len, h))
         for node in t.linears if self.tie_output else []:
             bias = node.args[2] if len(node.args) > 2 else None
-            _replace(gm, node, torch.ops.graphpress.matmul_nbits.default,
-                     (node.args[0], B, scales, zeros, bias, h, v, self.bits, block, self.accuracy_level,
-                      self.kernel))
+            _replace(gm, node, torch.ops.graphpress.quantized_linear.default,
+                     (node.args[0], B, scales, zeros, bias, h, self.bits, q.group_len, self.activation_bits))
         return sum(x.numel() * x.element_size() for x in tensors.values())
 
 

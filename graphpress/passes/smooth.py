@@ -293,11 +293,16 @@ class AWQ(WeightOnlyConfig):
     needs_calibration: ClassVar[bool] = True
     grid: int = 20
     max_rows: int = 4096  # activation rows per group that the search weighs the error on
+    # 8: weigh the error of the product with activations rounded to 8 bits per token (weights requantized to
+    # int8 per channel), for targets that multiply W4 weights that way (onnxruntime's kernel: int8)
+    activation_bits: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.grid < 1 or self.max_rows < 1:
             raise ValueError(f"awq: grid ({self.grid}) and max_rows ({self.max_rows}) must be >= 1")
+        if self.activation_bits not in (0, 8):
+            raise ValueError(f"awq: activation_bits is 0 (float) or 8, not {self.activation_bits}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         per_batch = math.ceil(self.max_rows / max(1, len(ctx.calibration)))
@@ -311,7 +316,7 @@ class AWQ(WeightOnlyConfig):
             def finish(weights: list[torch.Tensor]) -> torch.Tensor:
                 x = torch.cat(rows)
                 return awq_search_scales(x, weights, self.spec, self.grid, max_rows=self.max_rows,
-                                         int8_compute=self.kernel == "int8")
+                                         int8_compute=self.activation_bits == 8)
 
             return observe, finish
 

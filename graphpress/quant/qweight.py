@@ -4,8 +4,9 @@
     w_hat[n, k] = (codes[n, k] - zeros[n, k // g]) * scales[n, k // g]
 
 with g the group length (``group_size``, or K for per-output-channel), G = ceil(K / g) and Kp = G * g.
-This is exactly the arithmetic of onnxruntime's ``MatMulNBits`` and ``GatherBlockQuantized``, so packing
-is a relayout, never a requantization.
+``packed()`` stores it as the program does (graphpress.kernels.quantized: codes packed along K, zero points
+packed alike, None for symmetric); every target's layout is a relayout of those bytes, never a
+requantization.
 
 Conventions
 - Codes are unsigned, 0 .. 2^b - 1, for both modes, so one format covers both.
@@ -43,10 +44,10 @@ class QuantSpec:
         if self.bits not in (4, 8):
             raise ValueError(f"QuantSpec: bits={self.bits} is not supported; use 4 or 8")
         g = self.group_size
-        if g is not None and (not isinstance(g, int) or g < 16 or g & (g - 1)):
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g * self.bits % 8):
             raise ValueError(
-                f"QuantSpec: group_size={g} must be a power of two >= 16 (16, 32, 64, 128, ...) as onnxruntime "
-                "requires for its block size, or None for one group per output channel"
+                f"QuantSpec: group_size={g} must be an integer >= 2 whose codes fill whole bytes "
+                f"({8 // self.bits if self.bits < 8 else 1} divides it), or None for one group per output channel"
             )
 
     @property
@@ -109,12 +110,28 @@ class QuantizedWeight:
         return cls(full.reshape(n, kp), scales.float().contiguous(), zeros.to(torch.uint8).contiguous(), spec,
                    in_features)
 
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight [N, ceil(Kp * bits / 8)], scales [N, G], zeros [N, ceil(G * bits / 8)] or None when
+        symmetric): the tensors of ``graphpress::quantized_linear`` / ``quantized_embedding``."""
+        zeros = None if self.spec.symmetric else pack_codes(self.zeros, self.spec.bits)
+        return pack_codes(self.codes, self.spec.bits), self.scales, zeros
+
     def dequantize(self) -> torch.Tensor:
         """w_hat [N, K] float32, padding dropped."""
         n, g = self.out_features, self.group_len
         c = self.codes.float().view(n, -1, g)  # [N, G, g]
         w = (c - self.zeros.float()[..., None]) * self.scales[..., None]
         return w.reshape(n, -1)[:, : self.in_features]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] -> bytes [..., ceil(n * bits / 8)]; 4 bits: element 2i low nibble, 2i+1 high."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return ((codes[..., 0::2] & 0xF) | (codes[..., 1::2] << 4)).contiguous()
 
 
 def check_weight(w: torch.Tensor, what: str) -> None:

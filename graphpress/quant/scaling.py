@@ -59,7 +59,7 @@ def awq_search_scales(
     """AWQ scales s [K] for activations x [..., K] shared by weights W_i [N_i, K]; apply as x / s, W_i * s.
 
     ``int8_compute``: the error is that of the product as the int8 kernel computes it (x / s quantized per
-    token, Q(W_i * s) requantized to int8 per channel; graphpress.kernels.matmul_nbits kernel="int8"), so the
+    token, Q(W_i * s) requantized to int8 per channel, as W4A8 targets multiply), so the
     search also weighs what s does to the activations' rounding. Measured directly on at most 1024 rows.
     """
     k = x.shape[-1]

@@ -10,7 +10,7 @@
         targets: ['model\\.layers\\.']
     plugins: [my_passes.py]       # optional; modules that register their own passes (register_pass)
     calibration: {windows: 64, length: 512, batch: 8}   # optional; for passes that run the model
-    lowering: {accuracy_level: 4}             # optional; options of the onnxruntime rule table
+    target: {onnxruntime: {kernel: int8}}     # optional; options per lowering target (graphpress.lowering.targets)
 
 Named recipes are the YAML files beside this module; ``load_recipe`` also takes a path to a YAML file.
 """
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import inspect
 import sys
 import types
 import typing
@@ -49,7 +48,8 @@ class Recipe:
     passes: list[Pass]
     description: str = ""
     calibration: dict[str, int] = field(default_factory=dict)
-    lowering: dict[str, Any] = field(default_factory=dict)
+    # lowering target name -> its options
+    target: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def needs_calibration(self) -> bool:
         return any(getattr(p, "needs_calibration", False) for p in self.passes)
@@ -60,7 +60,7 @@ class Recipe:
             "description": self.description,
             "passes": [{"pass": p.name, **_options(p)} for p in self.passes],
             "calibration": self.calibration,
-            "lowering": self.lowering,
+            "target": self.target,
         }
 
 
@@ -87,7 +87,7 @@ def load_recipe(name_or_path: str | None) -> Recipe:
 
 
 TOP_LEVEL = {"name": str, "description": str, "plugins": list, "passes": list, "calibration": dict,
-             "lowering": dict}
+             "target": dict}
 # calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward
 CALIBRATION = ("windows", "length", "batch", "sentences")
 
@@ -115,14 +115,14 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
                               f"(allowed: {', '.join(CALIBRATION)})")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RecipeError(f"recipe {source}: calibration {key!r} must be a positive integer, not {value!r}")
-    lowering = dict(data.get("lowering") or {})
-    _check_lowering(lowering, source)
+    target = dict(data.get("target") or {})
+    _check_target(target, source)
     return Recipe(
         name=str(data.get("name", Path(source).stem)),
         passes=passes,
         description=str(data.get("description", "")),
         calibration=calibration,
-        lowering=lowering,
+        target=target,
     )
 
 
@@ -174,18 +174,19 @@ def load_plugin(ref: Any, base: Path | None = None) -> ModuleType:
         raise PluginError(f"plugin {ref} failed to import: {type(e).__name__}: {one_line(e, 200)}") from e
 
 
-def _check_lowering(options: dict[str, Any], source: str) -> None:
-    from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
+def _check_target(section: dict[str, Any], source: str) -> None:
+    """``target:`` maps target names to mappings of their options; each must build its rule table."""
+    from graphpress.lowering.rules import TargetError
+    from graphpress.lowering.targets import target_rules
 
-    allowed = [p for p in inspect.signature(onnxruntime_rules).parameters]
-    for key in options:
-        if key not in allowed:
-            raise RecipeError(f"recipe {source}: unknown key {key!r} under 'lowering' "
-                              f"(allowed: {', '.join(allowed)})")
-    try:
-        onnxruntime_rules(**options)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe {source}: lowering: {e}") from e
+    for name, options in section.items():
+        if not isinstance(options, dict):
+            raise RecipeError(f"recipe {source}: target {name!r} must map to a mapping of its options, "
+                              f"not {options!r} (for example target: {{onnxruntime: {{kernel: int8}}}})")
+        try:
+            target_rules(name, options)
+        except TargetError as e:
+            raise RecipeError(f"recipe {source}: {e}") from e
 
 
 def _build_pass(entry: Any, index: int, source: str) -> Pass:

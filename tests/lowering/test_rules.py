@@ -1,3 +1,6 @@
+"""The onnxruntime target's rules: each option's lowering against the torch reference, layouts that stay
+packed, refusals, and per-rule floors of the export check."""
+
 from __future__ import annotations
 
 import onnx
@@ -6,124 +9,146 @@ import torch
 from torch import nn
 
 from graphpress.capture import capture
-from graphpress.kernels.matmul_nbits import dequantize_nbits, matmul_nbits_reference
-from graphpress.kernels.matmul_w8a8 import matmul_w8a8_reference
-from graphpress.lowering.onnx import export_onnx, ort_forward
+from graphpress.kernels.quantized import dequantize
+from graphpress.lowering.onnx import LoweringError, export_onnx, ort_forward
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
-from graphpress.lowering.rules import Rule, RuleTable
+from graphpress.lowering.rules import Rule, RuleTable, TargetError
 from graphpress.metrics import sqnr
+from graphpress.quant.qweight import QuantSpec
+from graphpress.quant.rtn import quantize_rtn
+
+LINEAR = "graphpress.quantized_linear.default"
+EMBEDDING = "graphpress.quantized_embedding.default"
 
 
-class _Packed(nn.Module):
-    """One graphpress::matmul_nbits with random packed 4-bit codes; K=40 is not a multiple of the block."""
+class _QLinear(nn.Module):
+    """One quantized_linear on a random weight [N, K]; the codes large enough (> 8 kB) not to be folded."""
 
-    def __init__(self, bits: int = 4) -> None:
+    def __init__(self, spec: QuantSpec, n: int = 64, k: int = 300, bias: bool = True, activation_bits: int = 0
+                 ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.N, self.K, self.bits, self.block = 16, 40, bits, 32
-        k_blocks = 2
-        self.register_buffer("qweight", torch.randint(0, 256, (16, k_blocks, 32 * bits // 8), generator=g,
-                                                      dtype=torch.uint8))
-        self.register_buffer("scales", torch.rand(16, k_blocks, generator=g) * 0.1)
-        self.register_buffer("zeros", torch.randint(0, 256, (16, k_blocks * bits // 8), generator=g,
-                                                    dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.randn(16, generator=g))
+        q = quantize_rtn(torch.randn(n, k, generator=g) * 0.1, spec)
+        qweight, scales, zeros = q.packed()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = nn.Parameter(torch.randn(n, generator=g)) if bias else None
+        self.args = (k, spec.bits, q.group_len, activation_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.graphpress.matmul_nbits(x, self.qweight, self.scales, self.zeros, self.bias,
-                                                 self.K, self.N, self.bits, self.block)
+        return torch.ops.graphpress.quantized_linear(x, self.qweight, self.scales, self.zeros, self.bias, *self.args)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.zeros, *self.args[:3])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_matmul_nbits_rule_matches_reference_in_onnxruntime(tmp_path, bits: int) -> None:
-    module = _Packed(bits)
-    x = torch.randn(2, 5, 40)
-    program = capture(module, (x,), dynamic_dims=[{0: "batch", 1: "seq"}])
-    result = export_onnx(program, tmp_path / "m.onnx", rules=onnxruntime_rules(accuracy_level=0), tolerance=1e-5)
-    assert result.lowered == {"graphpress.matmul_nbits.default": 1}
-    ops = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+def _export(tmp_path, module: nn.Module, k: int, **options: object):  # noqa: ANN202
+    program = capture(module, (torch.randn(2, 5, k),), dynamic_dims=[{0: "batch", 1: "seq"}])
+    path = tmp_path / "m.onnx"
+    return export_onnx(program, path, rules=onnxruntime_rules(**options)), onnx.load(str(path)), path
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, False), QuantSpec(8, 128, True), QuantSpec(4, None, False),
+                                  QuantSpec(8, None, True)], ids=str)
+def test_nbits_kernel_is_one_matmulnbits_exact_at_accuracy_level_0(tmp_path, spec: QuantSpec) -> None:
+    module = _QLinear(spec)  # K = 300: groups of 32 pad the last one; one group per row becomes blocks of 4
+    result, model, path = _export(tmp_path, module, 300, kernel="nbits", accuracy_level=0, fp16_scales=False)
+    assert result.lowered == {LINEAR: 1} and result.check["floor_db"] == 60.0
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
     assert ("com.microsoft", "MatMulNBits") in ops
-    # no float copy of the weight in the file: the only [N, K] float tensor would be a dequantized one
-    inits = onnx.load(str(tmp_path / "m.onnx")).graph.initializer
-    assert not any(list(t.dims) == [16, 40] for t in inits)
-    # the reference dequantization is what onnxruntime computes (another batch and sequence length)
-    x2 = torch.randn(3, 7, 40)
-    w = dequantize_nbits(module.qweight, module.scales, module.zeros, 40, bits, 32)
-    ref = x2 @ w.T + module.bias
-    out = torch.from_numpy(ort_forward(tmp_path / "m.onnx")(x2))
-    assert sqnr(ref, out) > 100
+    assert not any(300 in t.dims and t.data_type != onnx.TensorProto.UINT8 for t in model.graph.initializer)
+    x = torch.randn(3, 7, 300)
+    out = torch.from_numpy(ort_forward(path)(x))
+    assert sqnr(x @ module.weight().T + module.bias, out) > 100
 
 
-class _Int8Kernel(nn.Module):
-    """matmul_nbits with kernel="int8" on 4-bit codes large enough (12 kB) that the exporter does not fold them."""
-
-    def __init__(self, zeros: bool) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.N, self.K, self.block = 64, 300, 128  # K padded to 3 blocks
-        self.register_buffer("qweight", torch.randint(0, 256, (64, 3, 64), generator=g, dtype=torch.uint8))
-        self.register_buffer("scales", torch.rand(64, 3, generator=g) * 0.1)
-        self.register_buffer("zeros", torch.randint(0, 256, (64, 2), generator=g, dtype=torch.uint8)
-                             if zeros else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.graphpress.matmul_nbits(x, self.qweight, self.scales, self.zeros, None,
-                                                 self.K, self.N, 4, self.block, 4, "int8")
+def test_fp16_scales_halve_the_scales_and_stay_above_the_exact_floor(tmp_path) -> None:
+    module = _QLinear(QuantSpec(4, 32, False), n=256, k=512)
+    result, model, _ = _export(tmp_path, module, 512, accuracy_level=0)
+    halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert [list(t.dims) for t in halves] == [[256, 16]]
+    assert 60 <= result.check["sqnr_db"] < 100  # the scales moved by < 2^-11 of their value
 
 
 @pytest.mark.parametrize("zeros", [False, True])
-def test_int8_kernel_keeps_packed_codes_and_matches_reference(tmp_path, zeros: bool) -> None:
-    module = _Int8Kernel(zeros)
-    program = capture(module, (torch.randn(2, 5, 300),), dynamic_dims=[{0: "batch", 1: "seq"}])
-    path = tmp_path / "m.onnx"
-    result = export_onnx(program, path, tolerance=1e-5)
-    assert result.lowered == {"graphpress.matmul_nbits.default": 1}
-    model = onnx.load(str(path))
+def test_int8_kernel_keeps_packed_codes_and_states_its_floor(tmp_path, zeros: bool) -> None:
+    module = _QLinear(QuantSpec(4, 128, not zeros), bias=False)
+    result, model, path = _export(tmp_path, module, 300, kernel="int8")
+    assert result.lowered == {LINEAR: 1} and result.check["floor_db"] == 20.0
     ops = {n.op_type for n in model.graph.node}
-    assert {"DynamicQuantizeMatMul", "Floor"} <= ops and "MatMulNBits" not in ops  # unpacked at load
-    assert not any(300 in t.dims and 64 in t.dims for t in model.graph.initializer)  # no int8/float weight
+    assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops  # unpacked at session start
+    assert not any(300 in t.dims and t.data_type != onnx.TensorProto.UINT8 for t in model.graph.initializer)
     x = torch.randn(3, 7, 300) * torch.rand(3, 7, 1) * 5
     out = torch.from_numpy(ort_forward(path)(x))
-    assert torch.allclose(out, module(x), rtol=1e-5, atol=1e-6)
-    w = dequantize_nbits(module.qweight, module.scales, module.zeros, 300, 4, 128)
-    assert 30 < sqnr(x @ w.T, module(x)) < 60  # requantized weight and int8 activations: measured ~38 dB
+    assert 30 < sqnr(x @ module.weight().T, out) < 60  # requantized weight, int8 activations: ~38 dB
 
 
-def test_int8_kernel_is_exact_for_8bit_codes_sharing_a_row_scale() -> None:
-    g = torch.Generator().manual_seed(2)
-    codes = torch.randint(1, 256, (8, 2, 64), generator=g, dtype=torch.uint8)  # 8-bit, symmetric: zero 128
-    codes[:, 0, 0] = 1  # every row reaches -127, so the requantization scale is the row's own scale
-    scales = (torch.rand(8, 1, generator=g) + 0.5).expand(8, 2).contiguous()
-    x = torch.randn(4, 128, generator=g)
-    got = matmul_nbits_reference(x, codes, scales, None, None, 128, 8, 8, 64, 4, "int8")
-    q = (codes.reshape(8, 128).int() - 128).to(torch.int8)
-    assert torch.equal(got, matmul_w8a8_reference(x, q.T, scales[:, 0], None))
+def test_activation_bits_8_lowers_to_the_same_codes_onnxruntime_computes(tmp_path) -> None:
+    module = _QLinear(QuantSpec(8, None, True), n=96, k=576, activation_bits=8)
+    result, model, path = _export(tmp_path, module, 576, fp16_scales=False)
+    assert result.lowered == {LINEAR: 1} and result.check["floor_db"] == 20.0
+    assert [n.op_type for n in model.graph.node].count("DynamicQuantizeMatMul") == 1
+    x = torch.randn(3, 11, 576) * torch.rand(3, 11, 1) * 4
+    out = torch.from_numpy(ort_forward(path)(x))
+    assert torch.allclose(out, module(x), rtol=1e-5, atol=1e-5)  # the same int8 codes and exact sums
 
 
-def test_unknown_kernel_is_refused() -> None:
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        matmul_nbits_reference(torch.randn(1, 32), torch.zeros(1, 1, 16, dtype=torch.uint8), torch.ones(1, 1),
-                               None, None, 32, 1, 4, 32, 0, "fp8")
+def test_accuracy_level_4_states_a_lossy_floor(tmp_path) -> None:
+    result, _, _ = _export(tmp_path, _QLinear(QuantSpec(4, 32, False)), 300, accuracy_level=4)
+    assert result.check["floor_db"] == 20.0 and result.check["sqnr_db"] > 35
 
 
-def test_accuracy_level_4_stays_close(tmp_path) -> None:
-    program = capture(_Packed(), (torch.randn(2, 5, 40),), dynamic_dims=[{0: "batch", 1: "seq"}])
-    check = export_onnx(program, tmp_path / "m.onnx", rules=onnxruntime_rules(accuracy_level=4),
-                        tolerance=2e-2).check
-    assert check["sqnr_db"] > 35
+def test_groups_onnxruntime_cannot_block_are_refused_at_export(tmp_path) -> None:
+    with pytest.raises(LoweringError, match="groups of 48 columns: MatMulNBits .* power of two"):
+        _export(tmp_path, _QLinear(QuantSpec(4, 48, False)), 300, kernel="nbits")
+    assert not (tmp_path / "m.onnx").exists()
+    # the int8 kernel needs no blocks: the same program lowers
+    result, _, _ = _export(tmp_path, _QLinear(QuantSpec(4, 48, False)), 300, kernel="int8")
+    assert result.lowered == {LINEAR: 1}
+
+
+class _QEmbedding(nn.Module):
+    def __init__(self, spec: QuantSpec, v: int = 300, h: int = 96) -> None:
+        super().__init__()
+        q = quantize_rtn(torch.randn(v, h, generator=torch.Generator().manual_seed(0)), spec)
+        qweight, scales, zeros = q.packed()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.args = (spec.bits, q.group_len, h)
+        self.table = q.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphpress.quantized_embedding(self.qweight, self.scales, self.zeros, ids, *self.args)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, False), QuantSpec(8, None, True), QuantSpec(8, 16, False)],
+                         ids=str)
+def test_embedding_is_one_gather_block_quantized(tmp_path, spec: QuantSpec) -> None:
+    module = _QEmbedding(spec)
+    program = capture(module, (torch.randint(0, 300, (2, 5)),), dynamic_dims=[{0: "batch", 1: "seq"}])
+    result = export_onnx(program, tmp_path / "e.onnx", rules=onnxruntime_rules(fp16_scales=False))
+    assert result.lowered == {EMBEDDING: 1} and result.check["sqnr_db"] > 100
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node]
+    assert "GatherBlockQuantized" in ops
+    ids = torch.randint(0, 300, (3, 4))
+    assert torch.equal(torch.from_numpy(ort_forward(tmp_path / "e.onnx")(ids)), module.table[ids])
 
 
 def test_without_rule_the_reference_decomposition_is_exported(tmp_path) -> None:
-    program = capture(_Packed(), (torch.randn(2, 5, 40),), dynamic_dims=[{0: "batch", 1: "seq"}])
+    module = _QLinear(QuantSpec(4, 32, False))
+    program = capture(module, (torch.randn(2, 5, 300),), dynamic_dims=[{0: "batch", 1: "seq"}])
     result = export_onnx(program, tmp_path / "m.onnx", rules=RuleTable(), tolerance=1e-5)
-    assert result.lowered == {}
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
-    assert "MatMulNBits" not in ops
+    assert result.lowered == {} and result.check["floor_db"] == 60.0
+    assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
 
 
-def test_table_refuses_two_rules_for_one_op() -> None:
+def test_table_refuses_two_rules_for_one_op_and_bad_options() -> None:
     rule = onnxruntime_rules().rules[0]
     with pytest.raises(ValueError, match="more than one rule"):
         onnxruntime_rules() + [Rule(rule.op, rule.lower)]
-    with pytest.raises(ValueError, match="accuracy_level"):
+    with pytest.raises(TargetError, match="accuracy_level must be 0..4"):
         onnxruntime_rules(accuracy_level=7)
+    with pytest.raises(TargetError, match="kernel must be one of nbits, int8"):
+        onnxruntime_rules(kernel="fp8")

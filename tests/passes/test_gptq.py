@@ -9,7 +9,7 @@ from graphpress.passes.weight_only import QuantizeRTN
 from graphpress.runner import PipelineError, run_pipeline
 from tests.conftest import capture_tiny
 
-MATMUL_NBITS = torch.ops.graphpress.matmul_nbits.default
+QLINEAR = torch.ops.graphpress.quantized_linear.default
 
 
 def _calibration(n: int = 6, seed: int = 3) -> list[tuple[torch.Tensor, ...]]:
@@ -24,7 +24,7 @@ def test_gptq_quantizes_every_block_linear_and_beats_rtn_on_calibration_inputs()
     gptq, records = run_pipeline(program, [GPTQ(**spec, clip_search=False)], calibration=calib)
     rtn, _ = run_pipeline(program, [QuantizeRTN(**spec, clip_search=False)])
     assert records[0].stats["quantized"] == 14 and records[0].stats["calibration_batches"] == 6
-    assert sum(n.target == MATMUL_NBITS for n in gptq.gm.graph.nodes) == 14
+    assert sum(n.target == QLINEAR for n in gptq.gm.graph.nodes) == 14
     ref = torch.cat([program(*b) for b in calib])
     s_gptq = sqnr(ref, torch.cat([gptq(*b) for b in calib]))
     s_rtn = sqnr(ref, torch.cat([rtn(*b) for b in calib]))

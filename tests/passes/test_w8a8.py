@@ -1,4 +1,4 @@
-"""W8A8: linears become int8 matmul_w8a8; SQNR floor, SmoothQuant's gain on outliers, onnxruntime agreement."""
+"""W8A8: linears become quantized_linear with 8-bit activations; SQNR floor, SmoothQuant's gain on outliers, onnxruntime agreement."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from graphpress.lowering.onnx import export_onnx, ort_forward
+from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
 from graphpress.metrics import max_rel_error, sqnr
 from graphpress.passes import PASSES
 from graphpress.passes.smooth import SmoothQuant
@@ -16,7 +17,7 @@ from graphpress.runner import PipelineError, run_pipeline
 from tests.conftest import capture_tiny
 from tests.passes.test_smooth import calibration, outlier_llama
 
-W8A8_OP = torch.ops.graphpress.matmul_w8a8.default
+W8A8_OP = torch.ops.graphpress.quantized_linear.default
 
 
 def quality(reference: Program, out: Program, batches: list[tuple[torch.Tensor, ...]]) -> float:
@@ -37,11 +38,11 @@ def test_every_linear_but_the_tied_head_becomes_int8(llama: Program) -> None:
     stats = records[0].stats
     assert stats["quantized"] == 14 and list(stats["skipped"]) == ["lm_head"]
     nodes = list(out.gm.graph.nodes)
-    assert sum(n.target == W8A8_OP for n in nodes) == 14
+    assert sum(n.target == W8A8_OP and n.args[8] == 8 for n in nodes) == 14  # activation_bits 8
     assert [n.args[1].target for n in nodes if n.target == torch.ops.aten.linear.default] == ["lm_head.weight"]
     buffers = dict(out.gm.named_buffers())
     q = buffers["model.layers.0.mlp.down_proj.qweight"]
-    assert q.dtype == torch.int8 and q.shape == (96, 64)  # [K, N]
+    assert q.dtype == torch.uint8 and q.shape == (64, 96)  # [N, K], one code per byte
     assert not any(n.endswith("proj.weight") for n, _ in out.gm.named_parameters())
     # 4 bytes -> 1 byte (+ 4 per output channel) for every block linear
     assert records[0].bytes_after < records[0].bytes_before - 3 * 14 * 64 * 64
@@ -62,8 +63,8 @@ def test_smoothquant_then_w8a8_beats_w8a8_on_activation_outliers() -> None:
 def test_onnxruntime_agrees_with_the_torch_program(llama: Program, tmp_path) -> None:
     out, _ = run_pipeline(llama, [SmoothQuant(), W8A8()], calibration=calibration(2))
     path = tmp_path / "w8a8.onnx"
-    result = export_onnx(out, path)
-    assert result.lowered == {"graphpress.matmul_w8a8.default": 14}
+    result = export_onnx(out, path, rules=onnxruntime_rules(fp16_scales=False))
+    assert result.lowered == {"graphpress.quantized_linear.default": 14}
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 14
     batch = (torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(5)),)

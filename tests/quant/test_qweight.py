@@ -12,8 +12,8 @@ from graphpress.quant.rtn import quantize_rtn
     [
         ({"bits": 3}, "bits=3"),
         ({"bits": 2}, "bits=2"),
-        ({"group_size": 48}, "group_size=48"),
-        ({"group_size": 8}, "group_size=8"),
+        ({"group_size": 7}, "group_size=7"),  # 4-bit codes of an odd group would split a byte
+        ({"group_size": 1}, "group_size=1"),
         ({"group_size": 0}, "group_size=0"),
     ],
 )

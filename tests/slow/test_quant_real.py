@@ -30,8 +30,8 @@ def test_minilm_w8a8_smoothquant_keeps_cosine_099_in_onnxruntime(tmp_path: Path)
     assert stats["w8a8"]["quantized"] == 24  # 6 layers x (qkv merged, attention out, intermediate, output)
     assert stats["smoothquant"]["scaled_groups"] == 24
     exported = export_onnx(out, tmp_path / "model.onnx")
-    assert exported.lowered["graphpress.matmul_w8a8.default"] == 24
-    assert exported.lowered["graphpress.gather_nbits.default"] == 3  # word, position, token-type tables
+    assert exported.lowered["graphpress.quantized_linear.default"] == 24
+    assert exported.lowered["graphpress.quantized_embedding.default"] == 3  # word, position, token-type tables
     result = ev.evaluate("encoder", ort_forward(exported.path), src.tokenizer, ev.torch_forward(src.model, "encoder"))
     assert result.value >= 0.99  # measured 0.9988
 
@@ -45,7 +45,7 @@ def test_smollm2_w4_artifact_is_packed_and_small(tmp_path: Path) -> None:
     out, records = run_pipeline(program, recipe.passes, calibration=calibration_batches(src, recipe))
     assert {r.name: r.stats for r in records}["rtn"]["quantized"] == 120  # 30 x (qkv, o, gate_up, down)
     exported = export_onnx(out, tmp_path / "model.onnx")  # checked against the torch program in onnxruntime
-    assert exported.lowered == {"graphpress.matmul_nbits.default": 121, "graphpress.gather_nbits.default": 1,
+    assert exported.lowered == {"graphpress.quantized_linear.default": 121, "graphpress.quantized_embedding.default": 1,
                                 "graphpress.rotary_embedding.default": 60}
     assert exported.bytes <= 90e6  # issue bar: the fp32 export is 538 MB
     model = onnx.load(str(tmp_path / "model.onnx"))

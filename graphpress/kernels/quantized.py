@@ -1,0 +1,243 @@
+"""Quantized weights as data: one op family, target-neutral, with differentiable PyTorch references.
+
+Every quantized weight in a program is the same four things, whatever runs it later:
+
+    qweight  [N, ceil(G * g * bits / 8)] uint8   codes along K, packed: 8 bits one per byte; 4 bits two per
+                                                 byte, the even index in the low nibble; the last group padded
+                                                 with the zero point (dequantizes to exactly 0)
+    scales   [N, G] float                        one per output row and group of g columns (G = ceil(K / g))
+    zeros    [N, ceil(G * bits / 8)] uint8       zero points packed like the codes; None: 2^(bits-1)
+                                                 (symmetric)
+    w[n, k] = (code[n, k] - zero[n, k // g]) * scale[n, k // g]      for k < K (``in_features``)
+
+with g = ``group_size`` (K for one group per row). Nothing here knows a runtime: block layouts, compute
+precision, kernels and scale storage are lowering choices (graphpress.lowering.onnxruntime_rules and its
+target options).
+
+    graphpress::quantized_linear(x, qweight, scales, zeros, bias, in_features, bits, group_size,
+                                 activation_bits=0)
+        y = x @ w^T (+ bias). activation_bits=8: the model itself quantizes activations (W8A8): each row of x
+        to 8 bits on the fly (``graphpress.quant.int8.quantize_rows_uint8``) against int8 weights per output
+        channel (``int8_weight``), the product exact; the gradient passes straight through the rounding.
+    graphpress::quantized_embedding(qweight, scales, zeros, indices, bits, group_size, hidden)
+        rows w[indices] of a table [V, H] stored as above (a tied output head reads the same tensors)
+    graphpress::fake_quantize(w, scales, zeros, bits, group_size)
+        w rounded onto the grid of ``scales`` / ``zeros`` (float, unpacked [N, G]) and back: training a
+        program to be quantized (QAT). Gradient: straight through where w is inside the grid, 0 outside;
+        the scales get the LSQ gradient.
+
+Each op has a backward (``register_autograd``): programs that hold them can be trained.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphpress.quant.int8 import quantize_rows_uint8, symmetric_int8_rows
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """uint8 [..., ceil(count * bits / 8)] -> float codes [..., count] (4 bits: low nibble first).
+
+    Written in float arithmetic (exact for bytes) rather than shifts and masks: it is also what lowering
+    traces for a rule that unpacks at session start, and every exporter and runtime types float ops alike.
+    """
+    p = packed.float()
+    if bits == 8:
+        return p[..., :count]
+    if bits == 4:
+        high = torch.floor(p / 16)
+        return torch.stack((p - high * 16, high), dim=-1).flatten(-2)[..., :count]
+    raise ValueError(f"quantized weights have 4 or 8 bits, not {bits}")
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
+               bits: int, group_size: int) -> torch.Tensor:
+    """The float32 weight [N, K] that the tensors stand for."""
+    n, groups = scales.shape
+    codes = unpack_codes(qweight, bits, groups * group_size).reshape(n, groups, group_size)
+    zp = float(1 << (bits - 1)) if zeros is None else unpack_codes(zeros, bits, groups)[..., None]
+    w = (codes - zp) * scales.float()[..., None]
+    return w.reshape(n, groups * group_size)[:, :in_features]
+
+
+def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
+                bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight as int8 codes [N, K] and one float32 scale per row, for int8 products: the codes themselves
+    for 8-bit symmetric weights with one group per row (exact), else the dequantized weight requantized
+    symmetric per row (an error ~1/8 of a 4-bit step)."""
+    if bits == 8 and zeros is None and scales.shape[1] == 1:
+        codes = unpack_codes(qweight, bits, in_features) - 128.0
+        return codes.to(torch.int8), scales[:, 0].float()
+    return symmetric_int8_rows(dequantize(qweight, scales, zeros, in_features, bits, group_size))
+
+
+def w8a8_product(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float, int8 weight q [N, K] with row scales s [N]: x's rows quantized per token
+    (``quantize_rows_uint8``), the integer product computed exactly (float64 is exact for
+    |acc| <= 255 * 128 * K < 2^53 and runs on BLAS, unlike an int64 matmul), rounded once to float32, then
+    scaled in the order the lowering scales it."""
+    codes, scale, zero, rows = quantize_rows_uint8(x)
+    acc = ((codes.double() - zero.double()) @ q.double().T).float()
+    return acc * (scale * s) * rows[..., None]
+
+
+def quantized_linear_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    activation_bits: int = 0,
+) -> torch.Tensor:
+    if activation_bits == 8:
+        y = w8a8_product(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size))
+        return (y if bias is None else y + bias).to(x.dtype)
+    if activation_bits:
+        raise ValueError(f"quantized_linear: activation_bits is 0 (float) or 8, not {activation_bits}")
+    w = dequantize(qweight, scales, zeros, in_features, bits, group_size).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def quantized_embedding_reference(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    indices: torch.Tensor,
+    bits: int,
+    group_size: int,
+    hidden: int,
+) -> torch.Tensor:
+    """Only the gathered rows are unpacked."""
+    groups = scales.shape[1]
+    codes = unpack_codes(qweight[indices], bits, groups * group_size).unflatten(-1, (groups, group_size))
+    s = scales[indices].float()  # [..., G]
+    zp = float(1 << (bits - 1)) if zeros is None else unpack_codes(zeros[indices], bits, groups)[..., None]
+    y = (codes - zp) * s[..., None]
+    return y.flatten(-2)[..., :hidden].to(scales.dtype)
+
+
+def grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes before clamping, clamped codes, zero points), each [N, G, g] float32, padded."""
+    n, k = w.shape
+    groups = scales.shape[1]
+    wg = torch.nn.functional.pad(w.float(), (0, groups * group_size - k)).reshape(n, groups, group_size)
+    z = zeros.float()[..., None]
+    raw = torch.round(wg / scales.float()[..., None]) + z
+    return raw, raw.clamp(0, (1 << bits) - 1), z
+
+
+def fake_quantize_reference(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                            group_size: int) -> torch.Tensor:
+    _, codes, z = grid(w, scales, zeros, bits, group_size)
+    y = (codes - z) * scales.float()[..., None]
+    return y.reshape(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
+
+
+quantized_linear = torch.library.custom_op("graphpress::quantized_linear", quantized_linear_reference,
+                                           mutates_args=())
+quantized_embedding = torch.library.custom_op("graphpress::quantized_embedding", quantized_embedding_reference,
+                                              mutates_args=())
+fake_quantize = torch.library.custom_op("graphpress::fake_quantize", fake_quantize_reference, mutates_args=())
+
+
+@quantized_linear.register_fake
+def _(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+@quantized_embedding.register_fake
+def _(qweight, scales, zeros, indices, bits, group_size, hidden):  # noqa: ANN001, ANN202
+    return scales.new_empty((*indices.shape, hidden))
+
+
+@fake_quantize.register_fake
+def _(w, scales, zeros, bits, group_size):  # noqa: ANN001, ANN202
+    return torch.empty_like(w)
+
+
+# --- gradients -------------------------------------------------------------------------------------------
+
+
+def _group_sum(g: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
+    """[..., K] -> [..., G]: sums over each group of columns (the last one padded)."""
+    pad = groups * group_size - g.shape[-1]
+    return torch.nn.functional.pad(g, (0, pad)).unflatten(-1, (groups, group_size)).sum(-1)
+
+
+def _linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, qweight, scales, zeros, bias, in_features, bits, group_size, *rest = inputs
+    ctx.save_for_backward(x, qweight, scales, zeros)
+    ctx.args = (in_features, bits, group_size)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):  # noqa: ANN001, ANN202
+    """d/dx = grad @ w (straight through an activation rounding), d/dbias = sum, d/dscales = sum over each
+    group of (grad^T x) * (code - zero); codes and zero points are integers: no gradient."""
+    x, qweight, scales, zeros = ctx.saved_tensors
+    in_features, bits, group_size = ctx.args
+    w = dequantize(qweight, scales, zeros, in_features, bits, group_size)
+    g = grad.float()
+    grad_x = (g @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    grad_scales = None
+    if ctx.needs_input_grad[2]:
+        grad_w = g.reshape(-1, g.shape[-1]).T @ x.float().reshape(-1, x.shape[-1])  # [N, K]
+        unit = dequantize(qweight, torch.ones_like(scales), zeros, in_features, bits, group_size)
+        grad_scales = _group_sum(grad_w * unit, scales.shape[1], group_size).to(scales.dtype)
+    return grad_x, None, grad_scales, None, grad_bias, None, None, None, None
+
+
+def _embedding_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    qweight, scales, zeros, indices, bits, group_size, hidden = inputs
+    ctx.save_for_backward(qweight, scales, zeros, indices)
+    ctx.args = (bits, group_size, hidden)
+
+
+def _embedding_backward(ctx, grad):  # noqa: ANN001, ANN202
+    """Only the scales are differentiable: each gathered row adds grad * (code - zero) to its row's scales."""
+    qweight, scales, zeros, indices = ctx.saved_tensors
+    bits, group_size, hidden = ctx.args
+    grad_scales = None
+    if ctx.needs_input_grad[1]:
+        unit = quantized_embedding_reference(qweight, torch.ones_like(scales), zeros, indices, bits, group_size,
+                                             hidden).float()
+        per_row = _group_sum(grad.float() * unit, scales.shape[1], group_size).reshape(-1, scales.shape[1])
+        grad_scales = torch.zeros_like(scales, dtype=torch.float32).index_add_(0, indices.reshape(-1), per_row)
+        grad_scales = grad_scales.to(scales.dtype)
+    return None, grad_scales, None, None, None, None, None
+
+
+def _fake_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    w, scales, zeros, bits, group_size = inputs
+    ctx.save_for_backward(w, scales, zeros)
+    ctx.args = (bits, group_size)
+
+
+def _fake_backward(ctx, grad):  # noqa: ANN001, ANN202
+    """Straight-through estimator: d/dw = grad where w's code lies inside [0, 2^bits - 1], else 0.
+    d/dscales (LSQ): grad * (clamped code - zero - w / scale), summed over each group."""
+    w, scales, zeros = ctx.saved_tensors
+    bits, group_size = ctx.args
+    n, k = w.shape
+    raw, codes, z = grid(w, scales, zeros, bits, group_size)
+    g = torch.nn.functional.pad(grad.float(), (0, raw.shape[1] * group_size - k)).reshape(raw.shape)
+    inside = (raw >= 0) & (raw <= (1 << bits) - 1)
+    grad_w = (g * inside).reshape(n, -1)[:, :k].to(w.dtype) if ctx.needs_input_grad[0] else None
+    grad_scales = None
+    if ctx.needs_input_grad[1]:
+        wg = torch.nn.functional.pad(w.float(), (0, raw.shape[1] * group_size - k)).reshape(raw.shape)
+        s = scales.float()[..., None]
+        step = torch.where(inside, codes - z - wg / s, codes - z)
+        grad_scales = (g * step).sum(-1).to(scales.dtype)
+    return grad_w, grad_scales, None, None, None
+
+
+quantized_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+quantized_embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)
+fake_quantize.register_autograd(_fake_backward, setup_context=_fake_setup)

@@ -104,13 +104,18 @@ def perplexity(forward: Forward, windows: torch.Tensor, progress: bool = False) 
 
 def sentences(n: int = EVAL_SENTENCES, from_end: bool = False) -> list[str]:
     """Sentences of 30..400 characters, in text order, from the start (evaluation) or the end (calibration)."""
-    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", corpus_text())]
-    good = [" ".join(s.split()) for s in parts if 30 <= len(s) <= 400]
+    good = [" ".join(s.split()) for s in split_sentences(corpus_text()) if 30 <= len(s) <= 400]
     if not from_end:
         return good[:n]
     # the text repeats some sentences: calibration never takes one that is held out for evaluation
     held_out = set(good[:EVAL_SENTENCES])
     return [s for s in reversed(good) if s not in held_out][:n]
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` split after . ! ? and at blank lines, each part stripped, empty parts dropped."""
+    parts = (s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text))
+    return [s for s in parts if s]
 
 
 def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 32,

@@ -11,6 +11,7 @@ Names:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -133,7 +134,7 @@ def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
     try:
         config = AutoConfig.from_pretrained(path)
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+        causal = _causal(config.architectures or [])
         auto = AutoModelForCausalLM if causal else AutoModel
         model = auto.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -152,12 +153,35 @@ def load_tokenizer(path: Path) -> tuple[Any, str]:
     until something needs text)."""
     from transformers import AutoTokenizer
 
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        return None, f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
+    missing = missing_tokenizer(str(path))
+    if missing:
+        return None, missing
     try:
         return AutoTokenizer.from_pretrained(path), ""
     except Exception as e:  # transformers raises many types for a broken tokenizer
         return None, f"the tokenizer in {path} cannot be loaded: {one_line(e, 200)}"
+
+
+def missing_tokenizer(ref: str) -> str:
+    """Why the model ``ref`` will have no tokenizer, known without loading it: a Hugging Face directory
+    holding no tokenizer file; "" otherwise (a tokenizer file that fails to load is found only by loading)."""
+    path = Path(ref)
+    if ref in MODELS or not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES):
+        return ""
+    return f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
+
+
+def directory_kind(path: Path) -> str:
+    """"causal-lm" or "encoder", from the architectures in ``path``/config.json, without loading the model."""
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    return "causal-lm" if _causal(architectures) else "encoder"
+
+
+def _causal(architectures: list[str]) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 class _ByteTokenizer:

@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module (a .py file or a module name) that registers passes, before the recipe "
                         "is read; may be repeated")
+    c.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                   help="calibration data instead of the built-in text: token ids, one window (encoders: one "
+                        "sentence) per line, or plain text for a model with a tokenizer")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and latency")
     c.add_argument("--eval-torch", action="store_true",
                    help="also evaluate the compressed torch program (beside the ONNX file in onnxruntime)")
@@ -124,7 +127,8 @@ def _compress(args: argparse.Namespace) -> int:
         load_plugin(plugin)
 
     report = compress(args.model, args.out, args.recipe, evaluate=not args.no_eval, verify=not args.no_verify,
-                      force=args.force, threads=args.threads, evaluate_torch=args.eval_torch)
+                      force=args.force, threads=args.threads, evaluate_torch=args.eval_torch,
+                      calibration=args.calibration)
     print_summary(report, args.out)
     return 0
 
@@ -230,6 +234,9 @@ def print_summary(report: dict[str, Any], out: Path, console: Any = None) -> Non
         for row in rows:
             summary.add_row(*row)
         console.print(summary)
+    note = (report.get("calibration") or {}).get("note")
+    if note:
+        console.print(f"calibration: {note}")
     skipped = (report.get("evaluation") or {}).get("skipped")
     if skipped:
         console.print(f"evaluation skipped: {skipped}")

@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,23 @@ from typing import Any
 import onnxruntime
 import torch
 
+from graphpress import calibration_file as cf
 from graphpress import evaluation as ev
+from graphpress.calibration_file import UserCalibration
 from graphpress.capture import capture
 from graphpress.errors import describe, one_line
 from graphpress.latency import latencies
 from graphpress.lowering.onnx import export_onnx, ort_forward
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
-from graphpress.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, context_length, load_model
+from graphpress.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelNotFoundError,
+    context_length,
+    directory_kind,
+    load_model,
+    missing_tokenizer,
+)
 from graphpress.outputs import check_output, staged_output
 from graphpress.program import Program
 from graphpress.recipes import Recipe, import_file, load_recipe
@@ -132,25 +142,109 @@ def sample_inputs(src: Source, tokens: int = SAMPLE_TOKENS, rows: int = 2) -> di
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def calibration_batches(src: Source, recipe: Recipe) -> list[tuple[torch.Tensor, ...]]:
-    if not recipe.needs_calibration():
-        return []
+@dataclass
+class Calibration:
+    """The calibration batches for the passes, and where they came from (for the report; None when the
+    recipe needs no calibration and none was given)."""
+
+    batches: list[tuple[torch.Tensor, ...]]
+    origin: dict[str, Any] | None
+
+
+def calibration_batches(src: Source, recipe: Recipe, given: UserCalibration | None = None
+                        ) -> list[tuple[torch.Tensor, ...]]:
+    return prepare_calibration(src, recipe, given).batches
+
+
+def prepare_calibration(src: Source, recipe: Recipe, given: UserCalibration | None = None) -> Calibration:
+    """Batches from the user's token ids or text (``given``, see graphpress.calibration_file), or from the
+    end of the built-in text, shaped as ``recipe.calibration`` says; refuses what cannot calibrate."""
     if src.kind == "module":
-        raise ValueError(f"recipe {recipe.name} needs calibration data, which a plain module ({src.name}) lacks")
-    src.need_text(f"recipe {recipe.name} (calibration)")
+        if recipe.needs_calibration():
+            raise ValueError(f"recipe {recipe.name} needs calibration data, which a plain module ({src.name}) "
+                             "lacks" + (": --calibration is for language models and encoders" if given else ""))
+    else:
+        if src.tokenizer is None:
+            refuse_without_text(src.kind, src.no_tokenizer or f"{src.name} has no tokenizer", recipe, given)
+        if given is not None and given.ids is not None:
+            cf.check_vocabulary(given, src.model.get_input_embeddings().num_embeddings, src.name)
+    if not recipe.needs_calibration():
+        return Calibration([], None if given is None else {
+            **given.to_json(), "used": False, "note": f"recipe {recipe.name} runs no pass that needs calibration"})
     if src.kind == "causal-lm":
-        n = recipe.calibration.get("windows", 64)
-        length = ev.window_length(src.context, recipe.calibration.get("length", ev.WINDOW))
-        batch = recipe.calibration.get("batch", 8)  # windows per forward: fewer, larger matmuls
-        windows = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length, ev.window_length(src.context))
-        return [(chunk,) for chunk in windows.split(batch)]
-    texts = ev.sentences(recipe.calibration.get("sentences", 256), from_end=True)
-    out = []
+        batches, origin = _causal_calibration(src, recipe.calibration, given)
+        unit, n = "windows", origin["asked"]
+    else:
+        batches, origin = _encoder_calibration(src, recipe.calibration, given)
+        unit, n = "sentences", origin["asked"]
+    if given is None:
+        return Calibration(batches, {"source": "built-in", "sha256": ev.TEXT_SHA256,
+                                     "text": f"{ev.TEXT_FILE.name} (CPython 3.11 pydoc_data.topics)", **origin})
+    origin = {**given.to_json(), **origin}
+    if origin[unit] < n:
+        origin["note"] = f"{origin[unit]} calibration {unit} from {given.origin}, fewer than the {n} recipe " \
+                         f"{recipe.name} asks for"
+        log.info("%s", origin["note"])
+    return Calibration(batches, origin)
+
+
+def _causal_calibration(src: Source, cal: dict[str, int], given: UserCalibration | None
+                        ) -> tuple[list[tuple[torch.Tensor, ...]], dict[str, Any]]:
+    n, batch = cal.get("windows", 64), cal.get("batch", 8)  # batch: windows per forward
+    length = ev.window_length(src.context, cal.get("length", ev.WINDOW))
+    if given is not None and given.ids is not None:
+        windows, cut = cf.causal_batches(given.ids, n, length, batch)
+        return [(w,) for w in windows], {"asked": n, "windows": min(n, len(given.ids)), "length": length,
+                                         "rows": len(given.ids), "cut": cut}
+    if given is None:
+        ids = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length, ev.window_length(src.context))
+    else:
+        stream = src.tokenizer(given.text, add_special_tokens=False)["input_ids"]
+        ids = cf.text_windows(stream, n, length, given.origin)
+    # ids: [windows, length]
+    return [(chunk,) for chunk in ids.split(batch)], {"asked": n, "windows": len(ids), "length": ids.shape[1]}
+
+
+def _encoder_calibration(src: Source, cal: dict[str, int], given: UserCalibration | None
+                         ) -> tuple[list[tuple[torch.Tensor, ...]], dict[str, Any]]:
+    n, max_tokens = cal.get("sentences", 256), ev.window_length(src.context, ev.SENTENCE_MAX_TOKENS)
+    if given is not None and given.ids is not None:
+        batches, cut = cf.padded_batches(given.ids[:n], max_tokens, _pad_id(src))
+        return list(batches), {"asked": n, "sentences": min(n, len(given.ids)), "max_tokens": max_tokens,
+                               "rows": len(given.ids), "cut": cut}
+    texts = ev.sentences(n, from_end=True) if given is None else ev.split_sentences(given.text or "")[:n]
+    out: list[tuple[torch.Tensor, ...]] = []
     for i in range(0, len(texts), 32):
-        enc = src.tokenizer(texts[i : i + 32], padding=True, truncation=True,
-                            max_length=ev.window_length(src.context, ev.SENTENCE_MAX_TOKENS), return_tensors="pt")
+        enc = src.tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=max_tokens,
+                            return_tensors="pt")
         out.append((enc["input_ids"], enc["attention_mask"]))
-    return out
+    return out, {"asked": n, "sentences": len(texts), "max_tokens": max_tokens}
+
+
+def refuse_without_text(kind: str, no_tokenizer: str, recipe: Recipe, given: UserCalibration | None) -> None:
+    """Refuse a recipe whose passes need calibration text when the model has no tokenizer (``no_tokenizer``
+    says why, naming the model) and no token ids were given, or a text file given for such a model."""
+    if not no_tokenizer or (given is not None and given.ids is not None):
+        return
+    unit = "sentence" if kind == "encoder" else "window"
+    if given is not None:
+        raise cf.CalibrationFileError(
+            f"calibration file {given.origin} is text ({given.why_text}), but {no_tokenizer} to read it: give "
+            f"token ids, one {unit} per line")
+    if not recipe.needs_calibration():
+        return
+    needs = next(p.name for p in recipe.passes if getattr(p, "needs_calibration", False))
+    raise ModelNotFoundError(
+        f"recipe {recipe.name}: pass {needs} needs calibration text, but {no_tokenizer}: pass "
+        f"--calibration FILE (token ids, one {unit} per line; calibration= in Python) or save the tokenizer "
+        "beside the model")
+
+
+def _pad_id(src: Source) -> int:
+    pad = getattr(src.tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(src.model, "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
 
 
 def evaluate_source(src: Source, forward: ev.Forward, progress: bool = False) -> dict[str, Any] | None:
@@ -182,25 +276,32 @@ def compress(
     progress: bool = True,
     threads: int = 0,
     evaluate_torch: bool = False,
+    calibration: str | Path | Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` into ``out`` (model.onnx, report.json, the tokenizer when there is
     one); return the report. With ``evaluate``: quality (of the model, and of the ONNX file in onnxruntime;
     of the compressed torch program too with ``evaluate_torch``), and onnxruntime latency of the uncompressed
-    export against the compressed one. ``out`` is checked before any work (see graphpress.outputs)."""
+    export against the compressed one. ``calibration``: a file of token ids (one window per line) or text, or
+    rows of token ids, instead of the built-in text (see graphpress.calibration_file). ``out``, the recipe and
+    the calibration file are checked before any work (see graphpress.outputs)."""
     out = Path(out)
     protected = model_dirs(model)
     check_output(out, force=force, protected=protected)
-    rec = load_recipe(recipe)  # a bad recipe fails before the model loads
+    rec = load_recipe(recipe)  # a bad recipe or calibration file fails before the model loads
+    given = cf.read_calibration(calibration) if calibration is not None else None
+    no_tokenizer = missing_tokenizer(model or DEFAULT_MODEL)  # a directory saved without one, before loading it
+    if no_tokenizer:
+        refuse_without_text(directory_kind(Path(model or DEFAULT_MODEL)), no_tokenizer, rec, given)
     start = time.perf_counter()
     timer = _Timer()
     with timer("load"):
         src = resolve_source(model)
+    with timer("calibration data"):
+        cal = prepare_calibration(src, rec, given)
     with timer("capture"):
         program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
-    with timer("calibration data"):
-        calibration = calibration_batches(src, rec)
     with timer("passes"):
-        compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=calibration,
+        compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=cal.batches,
                                            progress=progress)
     with staged_output(out, force=force, protected=protected) as tmp:
         with timer("export"):
@@ -211,6 +312,7 @@ def compress(
         report: dict[str, Any] = {
             "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
             "recipe": rec.to_json(),
+            "calibration": cal.origin,
             "passes": [r.to_json() for r in records],
             "parameters": {"before": program.num_parameters(), "after": compressed.num_parameters()},
             "bytes": {"before": program.num_bytes(), "after": compressed.num_bytes(), "onnx_file": exported.bytes},

@@ -77,6 +77,20 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def hf_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT saved without a tokenizer."""
+    return save_tiny("bert", tmp_path_factory.mktemp("hf") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def hf_broken_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose tokenizer file cannot be read (found only once the model loads)."""
+    path = save_tiny("llama", tmp_path_factory.mktemp("hf") / "broken-llama")
+    (path / "tokenizer.json").write_text("{not json")
+    return path
+
+
 @pytest.fixture
 def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The user's working directory: their model file, recipes and notes."""
@@ -93,6 +107,11 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "broken.yaml": "passes: [\n  - pass: remove_noops\n  unclosed",
         "greedy.yaml": "passes:\n  - pass: gptq\n    bits: 4\ncalibration: {windows: 100000, length: 512}\n",
         "gptq.yaml": "passes:\n  - pass: gptq\n    bits: 4\ncalibration: {windows: 2, length: 32}\n",
+        "smooth.yaml": "passes:\n  - pass: smoothquant\ncalibration: {sentences: 4}\n",
+        "ids.txt": "1 2 3 4\n5 6 7 8\n",
+        "ids_out_of_range.txt": "1 2 3\n\n4 320 5\n",  # the tiny models have 320 token ids
+        "text.txt": "12 13\nSome calibration text.\n",
+        "empty.txt": "\n  \n",
     }
     for name, text in recipes.items():
         (work / name).write_text(text)
@@ -102,8 +121,9 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return work
 
 
-# name -> (argv, text the error line must hold); "HF" stands for the tiny Hugging Face directory
-CASES: dict[str, tuple[list[str], str]] = {
+# name -> (argv, text or texts the error line must hold); "HF", "HFE", "HFB" stand for the tiny Hugging Face
+# directories: a Llama and a BERT without a tokenizer, a Llama with a broken one
+CASES: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
     "out is the working directory": (["compress", "models.py:good", "--out", "."], "working directory"),
     "out is the working directory, forced": (["compress", "models.py:good", "--out", ".", "--force"],
                                              "working directory"),
@@ -140,7 +160,29 @@ CASES: dict[str, tuple[list[str], str]] = {
     "calibration longer than the text": (["compress", "tiny-llama", "--recipe", "greedy.yaml", "--out", "out"],
                                          "asked for 100000 calibration windows"),
     "calibration without a tokenizer": (["compress", "HF", "--recipe", "gptq.yaml", "--out", "out"],
-                                        "has no tokenizer"),
+                                        ("recipe gptq: pass gptq needs calibration text, but HF has no tokenizer",
+                                         "pass --calibration FILE (token ids, one window per line")),
+    "calibration without a tokenizer, encoder": (["compress", "HFE", "--recipe", "smooth.yaml", "--out", "out"],
+                                                 ("recipe smooth: pass smoothquant needs calibration text, but HFE "
+                                                  "has no tokenizer", "(token ids, one sentence per line")),
+    "calibration with a broken tokenizer": (["compress", "HFB", "--recipe", "gptq.yaml", "--out", "out"],
+                                            ("recipe gptq: pass gptq needs calibration text, but the tokenizer in "
+                                             "HFB cannot be loaded", "pass --calibration FILE")),
+    "calibration file missing": (["compress", "HF", "--recipe", "gptq.yaml", "--out", "out", "--calibration",
+                                  "nope.txt"], "calibration file nope.txt does not exist"),
+    "calibration file empty": (["compress", "HF", "--recipe", "gptq.yaml", "--out", "out", "--calibration",
+                                "empty.txt"], "empty.txt is empty: give token ids, one window per line"),
+    "calibration ids out of range": (["compress", "HF", "--recipe", "gptq.yaml", "--out", "out", "--calibration",
+                                      "ids_out_of_range.txt"],
+                                     "ids_out_of_range.txt line 3: token id 320 is outside the vocabulary of model "
+                                     "tiny-llama (ids 0..319)"),
+    "calibration text without a tokenizer": (["compress", "HF", "--recipe", "gptq.yaml", "--out", "out",
+                                              "--calibration", "text.txt"],
+                                             ("text.txt is text (line 2 ('Some calibration text.') is not "
+                                              "whitespace-separated integers), but HF has no tokenizer",
+                                              "give token ids, one window per line")),
+    "calibration ids for a plain module": (["compress", "models.py:good", "--recipe", "gptq.yaml", "--out", "out",
+                                            "--calibration", "ids.txt"], "--calibration is for language models"),
     "calibration on a plain module": (["compress", "models.py:good", "--recipe", "gptq.yaml", "--out", "out"],
                                       "needs calibration data"),
     "missing onnx file": (["eval", "missing.onnx"], "does not exist"),
@@ -149,20 +191,30 @@ CASES: dict[str, tuple[list[str], str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_line_and_touches_nothing(case: str, work: Path, hf_dir: Path,
+def test_bad_input_gives_one_line_and_touches_nothing(case: str, work: Path, hf_dir: Path, hf_encoder_dir: Path,
+                                                      hf_broken_tokenizer_dir: Path,
                                                       capfd: pytest.CaptureFixture[str]) -> None:
     argv, expected = CASES[case]
-    argv = [str(hf_dir) if a == "HF" else a for a in argv]
-    expected = expected.replace("HF", str(hf_dir))
-    before = (_snapshot(work), _snapshot(hf_dir), _snapshot(work.parent))
+    dirs = {"HFE": hf_encoder_dir, "HFB": hf_broken_tokenizer_dir, "HF": hf_dir}  # longest name first
+
+    def fill(text: str) -> str:
+        for name, path in dirs.items():
+            text = text.replace(name, str(path))
+        return text
+
+    argv = [str(dirs[a]) if a in dirs else a for a in argv]
+    texts = [fill(t) for t in ((expected,) if isinstance(expected, str) else expected)]
+    models = [argv_dir for argv_dir in dirs.values() if str(argv_dir) in argv]
+    before = (_snapshot(work), [_snapshot(m) for m in models], _snapshot(work.parent))
     capfd.readouterr()
     assert main(argv) == 1
     captured = capfd.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphpress: error: "), captured.err
-    assert expected in lines[0], lines[0]
+    for text in texts:
+        assert text in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
-    assert (_snapshot(work), _snapshot(hf_dir), _snapshot(work.parent)) == before
+    assert (_snapshot(work), [_snapshot(m) for m in models], _snapshot(work.parent)) == before
 
 
 def test_verbose_shows_the_traceback(work: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -235,7 +235,7 @@ class _Propagate(FakeTensorProp):
         if self.since is None or claimed is None or n.op in ("placeholder", "get_attr", "call_module", "output"):
             return False
         before = self.since.get(n)
-        if before is None or any(a is not b for a, b in zip(before, (n.target, n.args, n.kwargs, claimed))):
+        if before is None or any(a is not b for a, b in zip(before, (n.target, n.args, n.kwargs, claimed), strict=True)):
             return False
         if any(a in self.moved for a in n.all_input_nodes):
             return False

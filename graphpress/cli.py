@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", type=Path, default=None, metavar="FILE",
                    help="calibration data instead of the built-in text: token ids, one window (encoders: one "
                         "sentence) per line, or plain text for a model with a tokenizer")
+    c.add_argument("--target", default="onnxruntime", metavar="NAME",
+                   help="lowering target (default onnxruntime); the recipe's target: section gives its options")
+    c.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target option over the recipe's (repeatable), e.g. kernel=nbits, accuracy_level=0")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and latency")
     c.add_argument("--eval-torch", action="store_true",
                    help="also evaluate the compressed torch program (beside the ONNX file in onnxruntime)")
@@ -121,14 +125,16 @@ def _version() -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     from graphpress.compress import compress
+    from graphpress.lowering.targets import parse_option
     from graphpress.recipes import load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)
+    options = dict(parse_option(o) for o in args.target_option)
 
     report = compress(args.model, args.out, args.recipe, evaluate=not args.no_eval, verify=not args.no_verify,
                       force=args.force, threads=args.threads, evaluate_torch=args.eval_torch,
-                      calibration=args.calibration)
+                      calibration=args.calibration, target=args.target, target_options=options)
     print_summary(report, args.out)
     return 0
 

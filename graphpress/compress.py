@@ -30,7 +30,7 @@ from graphpress.capture import capture
 from graphpress.errors import describe, one_line
 from graphpress.latency import latencies
 from graphpress.lowering.onnx import export_onnx, ort_forward
-from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
+from graphpress.lowering.targets import DEFAULT_TARGET, target_rules
 from graphpress.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -277,17 +277,22 @@ def compress(
     threads: int = 0,
     evaluate_torch: bool = False,
     calibration: str | Path | Sequence[Sequence[int]] | None = None,
+    target: str = DEFAULT_TARGET,
+    target_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` into ``out`` (model.onnx, report.json, the tokenizer when there is
     one); return the report. With ``evaluate``: quality (of the model, and of the ONNX file in onnxruntime;
     of the compressed torch program too with ``evaluate_torch``), and onnxruntime latency of the uncompressed
     export against the compressed one. ``calibration``: a file of token ids (one window per line) or text, or
     rows of token ids, instead of the built-in text (see graphpress.calibration_file). ``out``, the recipe and
-    the calibration file are checked before any work (see graphpress.outputs)."""
+    the calibration file are checked before any work (see graphpress.outputs). ``target``: the lowering target
+    (graphpress.lowering.targets), with the recipe's options for it updated by ``target_options``."""
     out = Path(out)
     protected = model_dirs(model)
     check_output(out, force=force, protected=protected)
-    rec = load_recipe(recipe)  # a bad recipe or calibration file fails before the model loads
+    rec = load_recipe(recipe)  # a bad recipe, target or calibration file fails before the model loads
+    options = {**rec.target.get(target, {}), **(target_options or {})}
+    rules = target_rules(target, options)
     given = cf.read_calibration(calibration) if calibration is not None else None
     no_tokenizer = missing_tokenizer(model or DEFAULT_MODEL)  # a directory saved without one, before loading it
     if no_tokenizer:
@@ -305,13 +310,14 @@ def compress(
                                            progress=progress)
     with staged_output(out, force=force, protected=protected) as tmp:
         with timer("export"):
-            exported = export_onnx(compressed, tmp / "model.onnx", rules=onnxruntime_rules(**rec.lowering),
+            exported = export_onnx(compressed, tmp / "model.onnx", rules=rules,
                                    metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
         if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
             src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
         report: dict[str, Any] = {
             "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
             "recipe": rec.to_json(),
+            "target": {"name": target, "options": options},
             "calibration": cal.origin,
             "passes": [r.to_json() for r in records],
             "parameters": {"before": program.num_parameters(), "after": compressed.num_parameters()},

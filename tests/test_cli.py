@@ -68,9 +68,10 @@ def test_compress_plain_module_from_file(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["compress", f"{model_file}:build", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == [".graphpress", "model.onnx", "report.json"]
-    assert [p["name"] for p in report["passes"]] == ["remove_noops", "fold_batchnorm", "fold_norm_scales",
-                                                     "merge_sibling_linears", "fuse_rms_norm", "fuse_rotary"]
-    assert report["passes"][1]["stats"]["folded"] == 1 and report["onnx"]["check"]["max_rel"] < 1e-5
+    assert [p["name"] for p in report["passes"]] == ["remove_noops", "linearize_matmuls", "fold_batchnorm",
+                                                     "fold_norm_scales", "merge_sibling_linears", "fuse_rms_norm",
+                                                     "fuse_rotary"]
+    assert report["passes"][2]["stats"]["folded"] == 1 and report["onnx"]["check"]["max_rel"] < 1e-5
     assert report["evaluation"] is None
     _no_leftovers(tmp_path)
 

@@ -11,6 +11,7 @@ from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
 from graphpress.passes.gptq import GPTQ
+from graphpress.passes.linearize import LinearizeMatmuls
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
@@ -20,6 +21,7 @@ from graphpress.passes.weight_only import QuantizeRTN
 
 PASSES: dict[str, type[Pass]] = {
     "remove_noops": RemoveNoops,
+    "linearize_matmuls": LinearizeMatmuls,
     "fold_batchnorm": FoldBatchNorm,
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,

@@ -2,7 +2,8 @@
 
 A pass says whether it is exact (outputs unchanged up to rounding) or lossy; the runner checks exact passes
 numerically in verify mode. Passes that act on chosen layers take ``targets`` / ``ignore``: regexes over
-module qualified names (``model.layers.0.self_attn.q_proj``); ``re.search`` semantics.
+module qualified names (``model.layers.0.self_attn.q_proj``); ``re.search`` semantics; and ``roles`` /
+``ignore_roles``: what a layer is in any architecture (graphpress.roles: ``block``, ``head``).
 """
 
 from __future__ import annotations
@@ -53,18 +54,30 @@ class Selection:
 
     targets: tuple[str, ...] = (".*",)
     ignore: tuple[str, ...] = ()
+    # a layer must have one of ``roles`` (when given) and none of ``ignore_roles``; a selection by role that
+    # finds no such layer (an encoder has no head) selects nothing rather than failing
+    roles: tuple[str, ...] = ()
+    ignore_roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("targets", "ignore"):  # one regex given as a string is one pattern, not its characters
+        from graphpress.roles import ROLES
+
+        for key in ("targets", "ignore", "roles", "ignore_roles"):  # one string is one item, not its characters
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, (getattr(self, key),))
+        for role in (*self.roles, *self.ignore_roles):
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
         for pattern in (*self.targets, *self.ignore):
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"invalid module-name regex {pattern!r}: {e}") from e
 
-    def selects(self, module_name: str) -> bool:
+    def selects(self, module_name: str, roles: frozenset[str] | None = None) -> bool:
+        """Whether the layer ``module_name`` with ``roles`` is selected (roles None: only the regexes count)."""
+        if roles is not None and (self.roles and not roles & set(self.roles) or roles & set(self.ignore_roles)):
+            return False
         return any(re.search(p, module_name) for p in self.targets) and not any(
             re.search(p, module_name) for p in self.ignore
         )

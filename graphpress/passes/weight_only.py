@@ -22,6 +22,7 @@ from graphpress.graph import aliases, cleanup, get_tensor, is_op, is_shared, mod
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
 from graphpress.quant.rtn import quantize_rtn
+from graphpress.roles import linear_roles
 
 aten = torch.ops.aten
 
@@ -47,15 +48,17 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str,
 
     A linear whose weight is shared is skipped unless ``shared_ok(weight node)`` says the caller handles it.
 
-    Refuses a selection that matches no linear at all, since that is always a mistake in a recipe.
+    Refuses a selection by module names that matches no linear at all, since that is a mistake in a recipe;
+    one by roles may find none (an encoder has no head).
     """
     names = aliases(gm)
+    roles = linear_roles(gm)
     nodes, skipped, matched = [], {}, 0
     for node in gm.graph.nodes:
         if not is_op(node, aten.linear.default) or get_tensor(gm, node.args[1]) is None:
             continue
         module = module_name(node.args[1].target)
-        if not cfg.selects(module):
+        if not cfg.selects(module, roles[node]):
             continue
         matched += 1
         if is_shared(gm, node.args[1]) and not (shared_ok and shared_ok(node.args[1])):
@@ -65,6 +68,8 @@ def selected_linears(gm: fx.GraphModule, cfg: Selection, pass_name: str,
             skipped[module] = f"weight is shared with {other}; quantize it with quantize_embedding"
             continue
         nodes.append(node)
+    if not matched and cfg.roles:
+        return [], {f"role {'/'.join(cfg.roles)}": "no linear of this program has it"}
     if not matched:
         raise PassError(
             f"{pass_name}: targets {list(cfg.targets)} (ignore {list(cfg.ignore)}) match no linear layer; "

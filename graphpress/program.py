@@ -3,7 +3,9 @@
 A program is a ``torch.fx.GraphModule`` obtained through ``torch.export`` (parameters as ``get_attr``
 nodes under their original qualified names, node ``meta`` with ``val`` and ``nn_module_stack``) plus the
 facts that later stages need: its input names, which dimensions are dynamic, a sample batch for
-verification, and what kind of model it came from (for evaluation).
+verification, and what kind of model it came from (for evaluation). ``gm.meta["graphpress.provenance"]``
+says which original tensors the rewritten ones came from (``graphpress.provenance``); clone, save and load
+keep it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from graphpress import provenance
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Program:
                                  strict=False)
         facts = {"input_names": self.input_names, "output_names": self.output_names,
                  "dynamic_dims": [{str(d): n for d, n in dims.items()} for dims in self.dynamic_dims],
-                 "name": self.name, "kind": self.kind}
+                 "name": self.name, "kind": self.kind, "provenance": provenance.to_json(self.gm)}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(ep, path, extra_files={_FACTS: json.dumps(facts)})
         return path
@@ -84,7 +88,9 @@ class Program:
             raise ValueError(f"{path} was not saved by graphpress (Program.save): it holds no {_FACTS}")
         facts = json.loads(extra[_FACTS])
         args = ep.example_inputs[0] if ep.example_inputs else ()
-        return cls(gm=ep.module(), example_inputs=tuple(args), input_names=tuple(facts["input_names"]),
+        gm = ep.module()
+        provenance.restore(gm, facts.get("provenance", {}))
+        return cls(gm=gm, example_inputs=tuple(args), input_names=tuple(facts["input_names"]),
                    output_names=tuple(facts["output_names"]),
                    dynamic_dims=tuple({int(d): n for d, n in dims.items()} for dims in facts["dynamic_dims"]),
                    name=facts["name"], kind=facts["kind"])

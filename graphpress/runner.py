@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
+from graphpress import provenance
 from graphpress.errors import describe
 from graphpress.metrics import compare_outputs
 from graphpress.passes.base import Pass, PassContext
@@ -104,6 +105,8 @@ def run_pipeline(
         except Exception as e:
             raise PipelineError(f"pass {p.name} failed on {program.name} (after {_list(done)}): {e}") from e
         seconds = time.perf_counter() - start
+        if result.gm is not program.gm and provenance.KEY not in result.gm.meta:
+            provenance.restore(result.gm, provenance.to_json(program.gm))  # a new GraphModule starts bare
         program.gm = result.gm
         record = PassRecord(
             name=p.name,
@@ -232,18 +235,20 @@ class _Propagate(FakeTensorProp):
         return result
 
     def _untouched(self, n: fx.Node, claimed: object) -> bool:
+        # a parameter may have been replaced under its name; placeholders and output are cheap
         if self.since is None or claimed is None or n.op in ("placeholder", "get_attr", "call_module", "output"):
             return False
         before = self.since.get(n)
-        if before is None or any(a is not b for a, b in zip(before, (n.target, n.args, n.kwargs, claimed), strict=True)):
+        now = (n.target, n.args, n.kwargs, claimed)
+        if before is None or any(a is not b for a, b in zip(before, now, strict=True)):
             return False
         if any(a in self.moved for a in n.all_input_nodes):
             return False
         from torch._subclasses.fake_tensor import FakeTensor
 
         # a kept val is computed on further: it must be this mode's fake tensor
-        return all(not isinstance(v, torch.Tensor) or (isinstance(v, FakeTensor) and v.fake_mode is self._mode)
-                   for v in pytree.tree_leaves(claimed))
+        return all(isinstance(v, FakeTensor) and v.fake_mode is self._mode
+                   for v in pytree.tree_leaves(claimed) if isinstance(v, torch.Tensor))
 
     def fetch_attr(self, target: str) -> Any:
         from torch._subclasses.fake_tensor import FakeTensor

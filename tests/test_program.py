@@ -49,3 +49,18 @@ def test_loading_what_graphpress_did_not_save_is_refused(tmp_path: Path) -> None
     torch.export.save(ep, tmp_path / "plain.pt2")
     with pytest.raises(ValueError, match="not saved by graphpress"):
         Program.load(tmp_path / "plain.pt2")
+
+
+def test_the_provenance_record_survives_save_and_load(tmp_path: Path) -> None:
+    from graphpress.passes.merge_siblings import MergeSiblingLinears
+    from graphpress.provenance import KEY, unmerge
+
+    program = capture_tiny("llama")
+    merged, _ = run_pipeline(program, [MergeSiblingLinears()], verify=False)
+    reloaded = Program.load(merged.save(tmp_path / "merged.pt2"))
+    assert reloaded.gm.meta[KEY] == merged.gm.meta[KEY] and len(merged.gm.meta[KEY]) == 4
+    originals = dict(program.gm.named_parameters())
+    unmerged = unmerge(reloaded)
+    assert "model.layers.1.self_attn.v_proj.weight" in unmerged
+    for name, t in unmerged.items():
+        assert torch.equal(t, originals[name]), name

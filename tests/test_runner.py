@@ -217,3 +217,22 @@ def test_exact_recipe_keeps_every_shape_and_the_symbolic_dims(llama: Program) ->
         if isinstance(val, torch.Tensor):
             assert val.dtype == n.meta["val"].dtype and [str(d) for d in val.shape] == [
                 str(d) for d in n.meta["val"].shape], n.name
+
+
+@dataclass(frozen=True)
+class _NewModule(Pass):
+    """Returns a fresh GraphModule over the same graph, as a pass that rebuilds the module does."""
+
+    name = "new_module"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return PassResult(fx.GraphModule(gm, gm.graph), True, {})
+
+
+def test_the_provenance_record_follows_a_pass_that_returns_a_new_module(llama: Program) -> None:
+    from graphpress.passes.merge_siblings import MergeSiblingLinears
+    from graphpress.provenance import KEY
+
+    assert fx.GraphModule(llama.gm, llama.gm.graph).meta == {}  # what the runner has to make up for
+    out, _ = run_pipeline(llama, [MergeSiblingLinears(), _NewModule()], verify=False)
+    assert len(out.gm.meta[KEY]) == 4

@@ -7,7 +7,9 @@
 
 Exact: row i of ``x @ W^T`` only reads row i of W. One matmul instead of n reads x once and fills the
 device better. The merged parameter is named after the members' common module and their leaf names
-(``model.layers.0.self_attn.q_proj_k_proj_v_proj.weight``); the members' parameters are deleted.
+(``model.layers.0.self_attn.q_proj_k_proj_v_proj.weight``); the members' parameters are deleted, and the
+merged weight and bias record which rows each member's came from (``graphpress.provenance``), so
+``provenance.unmerge`` gives them back.
 
 Siblings are grouped by their input's source through casts that keep device (a linear on ``x`` and one on
 ``x.to(float16)`` share a source); only members with the same input dtype, weight dtype and K merge.
@@ -18,6 +20,7 @@ siblings in another dtype.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from torch import fx
 from graphpress import graph
 from graphpress.graph import aten, is_op
 from graphpress.passes.base import Pass, PassContext, PassResult
+from graphpress.provenance import Piece, record
 
 _CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default)
 
@@ -192,6 +196,12 @@ def _merge(gm: fx.GraphModule, members: list[fx.Node]) -> None:
     w_node = graph.new_get_attr(gm, f"{module}.weight", weight, before=first)
     b_node = graph.new_get_attr(gm, f"{module}.bias", bias, before=first) if bias is not None else None
     sizes = [w.shape[0] for w in weights]
+    rows = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))  # member i: rows [start, stop)
+    record(gm, w_node.target,
+           [Piece(m.args[1].target, 0, a, b) for m, (a, b) in zip(members, rows, strict=True)])
+    if b_node is not None:  # a member without bias owns zeros there, not a source
+        record(gm, b_node.target, [Piece(_bias(m).target, 0, a, b)
+                                   for m, (a, b) in zip(members, rows, strict=True) if _bias(m) is not None])
     with gm.graph.inserting_before(first):
         args = (first.args[0], w_node) if b_node is None else (first.args[0], w_node, b_node)
         linear = gm.graph.call_function(aten.linear.default, args)

@@ -15,6 +15,7 @@ from graphpress.passes import PASSES
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.merge_siblings import MergeSiblingLinears, concat_linears, merged_name
 from graphpress.program import Program
+from graphpress.provenance import KEY, Piece, sources_of
 from graphpress.runner import run_pipeline
 from tests.conftest import capture_tiny
 
@@ -164,6 +165,11 @@ def test_refuses_tied_single_and_other_dtype() -> None:
     params = dict(out.gm.named_parameters())
     assert params["a_b_c.weight"].shape == (12, 8) and params["a_b_c.bias"].shape == (12,)
     assert params["d_f.weight"].dtype == torch.float64
+    # which rows came from which member: b has no bias, so its rows of the merged bias have no source
+    assert sources_of(out.gm, "a_b_c.weight") == [Piece("a.weight", 0, 0, 4), Piece("b.weight", 0, 4, 7),
+                                                   Piece("c.weight", 0, 7, 12)]
+    assert sources_of(out.gm, "a_b_c.bias") == [Piece("a.bias", 0, 0, 4), Piece("c.bias", 0, 7, 12)]
+    assert sorted(out.gm.meta[KEY]) == ["a_b_c.bias", "a_b_c.weight", "d_f.bias", "d_f.weight"]
     assert_same_outputs(program, out)
 
 

@@ -27,11 +27,17 @@ def _resolve(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(mod, leaf)
 
 
-def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = False) -> None:
+def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = False,
+               requires_grad: bool | None = None) -> None:
     """Create or replace the parameter (or buffer) at ``target``, creating parent modules as needed.
 
     ``buffer``: store a new tensor as a buffer (integer codes, quantization scales), not a parameter.
+    ``requires_grad`` of a parameter: by default that of the parameter it replaces, else whether the program's
+    parameters require gradients (a trainable program stays trainable through every rewrite).
     """
+    if requires_grad is None:
+        old = dict(gm.named_parameters()).get(target)
+        requires_grad = old.requires_grad if old is not None else trainable(gm)
     *path, leaf = target.split(".")
     mod: nn.Module = gm
     for part in path:
@@ -46,7 +52,13 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: boo
     if buffer:
         mod.register_buffer(leaf, value.detach())
     else:
-        mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=False))
+        grad = requires_grad and value.is_floating_point()
+        mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=grad))
+
+
+def trainable(gm: nn.Module) -> bool:
+    """Whether any float parameter of ``gm`` requires gradients."""
+    return any(p.requires_grad for p in gm.parameters() if p.is_floating_point())
 
 
 def delete_tensor(gm: fx.GraphModule, target: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
@@ -31,6 +32,8 @@ PASSES: dict[str, type[Pass]] = {
     "w8a8": W8A8,
     "gptq": GPTQ,
     "quantize_embedding": QuantizeEmbedding,
+    "fake_quantize": FakeQuantize,
+    "freeze_fake_quantize": FreezeFakeQuantize,
     "fuse_rms_norm": FuseRMSNorm,
     "fuse_rotary": FuseRotary,
 }

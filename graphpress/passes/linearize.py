@@ -47,7 +47,6 @@ class LinearizeMatmuls(Pass):
             else:
                 target = free_target(gm, f"{module_name(weight.target)}.linear_weight")
                 new_w = new_get_attr(gm, target, wt, node)
-                gm.get_parameter(target).requires_grad_(w.requires_grad)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(aten.linear.default, (x, new_w) + ((bias,) if bias is not None else ()))
             new.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}

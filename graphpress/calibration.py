@@ -6,9 +6,10 @@ All calibration batches are pushed through one part at a time; only the values t
 are kept, and each is freed after its last reader. Peak memory is therefore one block's weights plus the
 boundary activations of all batches, never every layer's activations.
 
-A pass observes the inputs of the linears of each block (Hessians for GPTQ, statistics for AWQ/SmoothQuant)
+A pass observes the inputs (and outputs, if it asks) of the linears of each block (graphpress.statistics)
 and may rewrite that block's weights in place before the stream moves on, so later blocks see the
-compressed earlier ones.
+compressed earlier ones. In the last part a caller works on, whose outputs are dropped, only the nodes that
+the observed linears' inputs depend on run: statistics of an LLM head's input never compute its logits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ aten = torch.ops.aten
 _BLOCK = re.compile(r"^(.*\.\d+)$")
 
 # observe(weight_target, x) is called with the input x [..., K] of every linear whose weight is `weight_target`
+# (an output observer: with its output y [..., N])
 Observer = Callable[[str, torch.Tensor], None]
 
 
@@ -102,14 +104,16 @@ class BlockStream:
             weights: set[str] | None = None) -> None:
         """Stream every batch through the parts in order.
 
-        ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe)`` runs the
-        part over all batches (calling ``observe`` on linear inputs) and returns its outputs. ``on_part`` may
+        ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe,
+        observe_output=None)`` runs the part over all batches (calling ``observe`` on linear inputs,
+        ``observe_output`` on their outputs) and returns its outputs. ``on_part`` may
         call ``forward`` several times (observe, rewrite weights, run again); the outputs of the last call
         flow on. If it never calls it, the stream runs the part once itself.
 
         ``weights``: the program weights the caller works on. The stream stops after the last part that reads
-        one of them, and the outputs of the part it stops at are not kept: the head of an LLM (logits of
-        [batch, seq, vocab] per batch, gigabytes) is never computed unless a weight there is wanted.
+        one of them, and the outputs of the part it stops at are not kept: in that part only what the inputs
+        of its wanted linears need runs (and those linears themselves when ``observe_output`` is given), so
+        the head of an LLM (logits of [batch, seq, vocab] per batch, gigabytes) is never computed.
         """
         last = len(self.parts) - 1
         if weights is not None:
@@ -140,12 +144,14 @@ class BlockStream:
 
                 keep = weights is None or node.target != stop
 
-                def forward(observe: Observer | None, _part: Part = part, _args: list = args,
-                            _results: list = results, _keep: bool = keep) -> list[Any]:
+                def forward(observe: Observer | None, observe_output: Observer | None = None, _part: Part = part,
+                            _args: list = args, _results: list = results, _keep: bool = keep) -> list[Any]:
+                    needed = None if _keep else _needed(_part, weights or set(), observe_output is not None)
                     out = []
                     for i in range(len(self.batches)):
-                        y = _run(_part, [a[i] for a in _args], observe)
+                        y = _run(_part, [a[i] for a in _args], observe, observe_output, needed)
                         out.append(y if _keep else None)
+                        del y
                     _results.append(out)
                     return out
 
@@ -164,18 +170,42 @@ class BlockStream:
 
 
 class _Observing(fx.Interpreter):
-    def __init__(self, part: Part, observe: Observer) -> None:
+    """Runs a part, calling the observers around its linears; with ``needed``, nodes outside it are skipped
+    (their value is None: only reached by the dropped output)."""
+
+    def __init__(self, part: Part, observe: Observer | None, observe_output: Observer | None,
+                 needed: set[fx.Node] | None) -> None:
         super().__init__(part.module)
         self.part = part
         self.observe = observe
+        self.observe_output = observe_output
+        self.needed = needed
 
     def run_node(self, n: fx.Node) -> Any:
+        linear = n.op == "call_function" and n.target is aten.linear.default
+        target = weight_target(self.part, n) if linear else None
+        if target is not None and self.observe is not None:
+            self.observe(target, self.env[n.args[0]])
+        if self.needed is not None and n.op not in ("placeholder", "output") and n not in self.needed:
+            return None
         out = super().run_node(n)
-        if n.op == "call_function" and n.target is aten.linear.default:
-            target = weight_target(self.part, n)
-            if target is not None:
-                self.observe(target, self.env[n.args[0]])
+        if target is not None and self.observe_output is not None:
+            self.observe_output(target, out)
         return out
+
+
+def _needed(part: Part, weights: set[str], outputs: bool) -> set[fx.Node]:
+    """The nodes of ``part`` that the inputs of its linears reading ``weights`` depend on (and those linears
+    when their outputs are observed)."""
+    todo = [n.args[0] if not outputs else n for n, t in linear_weights(part) if t in weights]
+    todo = [n for n in todo if isinstance(n, fx.Node)]
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def weight_target(part: Part, linear: fx.Node) -> str | None:
@@ -188,11 +218,12 @@ def weight_target(part: Part, linear: fx.Node) -> str | None:
     return part.tensors.get(w.name) if w.op == "placeholder" else None
 
 
-def _run(part: Part, args: list[Any], observe: Observer | None) -> Any:
+def _run(part: Part, args: list[Any], observe: Observer | None, observe_output: Observer | None = None,
+         needed: set[fx.Node] | None = None) -> Any:
     with torch.no_grad():
-        if observe is None:
+        if observe is None and observe_output is None and needed is None:
             return part.module(*args)
-        return _Observing(part, observe).run(*args)
+        return _Observing(part, observe, observe_output, needed).run(*args)
 
 
 def linear_weights(part: Part) -> Iterator[tuple[fx.Node, str]]:

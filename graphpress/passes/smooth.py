@@ -16,7 +16,8 @@ reached from x backwards through same-dtype casts, clones and slices of leading 
 (BERT's LayerNorm also feeds the residual add), a parameter to scale is shared, or the producer is
 something else (attention before o_proj, GELU before BERT's output dense, a norm without scale).
 
-The passes choose s from calibration activations (graphpress.quant.scaling), streamed block by block:
+The passes choose s from calibration statistics (graphpress.statistics, streamed block by block; the math in
+graphpress.quant.scaling):
     AWQ:          s searched so that round-to-nearest of W_i * s loses least on x (then quantize with rtn/gptq)
     SmoothQuant:  s = max|x|^alpha / max|W|^(1 - alpha), flattening activation outliers for W8A8
 Both are exact rewrites (the runner verifies them); what they buy shows only after quantization.
@@ -25,25 +26,20 @@ Both are exact rewrites (the runner verifies them); what they buy shows only aft
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import fx
 
 from graphpress import graph
-from graphpress.calibration import BlockStream, Part, linear_weights
+from graphpress.calibration import Part
 from graphpress.graph import aten, is_op, last_dim
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, selected_linears
-from graphpress.quant.scaling import (
-    awq_search_scales,
-    smoothquant_scales,
-    smoothquant_search_scales,
-    subsample_rows,
-)
+from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, smoothquant_search_scales
+from graphpress.statistics import Group, GroupStats, Request, Stats, stream_statistics
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +221,14 @@ def input_groups(nodes: list[fx.Node]) -> list[list[fx.Node]]:
     return list(groups.values())
 
 
-# per group: (observe(x), finish(weights) -> s)
-Statistic = Callable[[], tuple[Callable[[torch.Tensor], None], Callable[[list[torch.Tensor]], torch.Tensor]]]
+# choose(input statistics of a group, its weights W_i [N_i, K] float32) -> s [K]
+Choose = Callable[[Stats, list[torch.Tensor]], torch.Tensor]
 
 
-def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str, statistic: Statistic
-                 ) -> PassResult:
-    """Stream the calibration batches; for each group of selected linears, observe its input, choose s, apply it.
+def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str, request: Request,
+                 choose: Choose) -> PassResult:
+    """Stream the calibration batches; for each group of selected linears, observe its input (``request``,
+    graphpress.statistics), choose s, apply it.
 
     Every group is observed on the unscaled program: the rewrite is exact, so the stream's own outputs (from
     the forward that observed them) are what the scaled block computes too.
@@ -248,28 +245,22 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
                 skipped[graph.module_name(lin.args[1].target)] = reason
         else:
             groups.append(group)
-    lead = {lin.args[1].target: g[0].args[1].target for g in groups for lin in g}  # weight -> its group's first
     members = {g[0].args[1].target: g for g in groups}  # groups not yet scaled, by their first weight
     absorbed: dict[str, int] = {}
     linears = 0
 
-    def on_part(part: Part, forward: Any) -> None:
+    def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
         nonlocal linears
-        leads = list(dict.fromkeys(lead[t] for _, t in linear_weights(part) if lead.get(t) in members))
-        if not leads:
-            return
-        observers = {t: statistic() for t in leads}
-        forward(lambda target, x: observers[target][0](x) if target in observers else None)
-        for t in leads:
+        for t, observed in stats.items():
             group = members.pop(t)
             weights = [graph.get_tensor(gm, lin.args[1]).detach().float() for lin in group]
-            where = apply_input_scale(gm, group, observers[t][1](weights))
+            where = apply_input_scale(gm, group, choose(observed.inputs, weights))
             absorbed[where] = absorbed.get(where, 0) + 1
             linears += len(group)
-        log.info("%s: %s (%d groups)", name, part.name, len(leads))
+        log.info("%s: %s (%d groups)", name, part.name, len(stats))
 
-    wanted = {lin.args[1].target for group in members.values() for lin in group}
-    BlockStream(gm, ctx.calibration).run(on_part, weights=wanted)
+    observed = [Group(tuple(lin.args[1].target for lin in g)) for g in groups]
+    stream_statistics(gm, ctx.calibration, observed, request, on_stats)
     for group in members.values():  # groups outside the streamed parts: nothing observed
         for lin in group:
             skipped[graph.module_name(lin.args[1].target)] = "not reached by the calibration stream"
@@ -305,22 +296,11 @@ class AWQ(WeightOnlyConfig):
             raise ValueError(f"awq: activation_bits is 0 (float) or 8, not {self.activation_bits}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        per_batch = math.ceil(self.max_rows / max(1, len(ctx.calibration)))
+        def choose(x: Stats, weights: list[torch.Tensor]) -> torch.Tensor:
+            return awq_search_scales(x.rows, weights, self.spec, self.grid, max_rows=self.max_rows,
+                                     int8_compute=self.activation_bits == 8)
 
-        def statistic() -> tuple[Callable[[torch.Tensor], None], Callable[[list[torch.Tensor]], torch.Tensor]]:
-            rows: list[torch.Tensor] = []  # [T_b, K] evenly spaced rows of each batch
-
-            def observe(x: torch.Tensor) -> None:
-                rows.append(subsample_rows(x.detach().float(), per_batch))
-
-            def finish(weights: list[torch.Tensor]) -> torch.Tensor:
-                x = torch.cat(rows)
-                return awq_search_scales(x, weights, self.spec, self.grid, max_rows=self.max_rows,
-                                         int8_compute=self.activation_bits == 8)
-
-            return observe, finish
-
-        return scale_groups(gm, ctx, self, self.name, statistic)
+        return scale_groups(gm, ctx, self, self.name, Request(rows=self.max_rows), choose)
 
 
 @dataclass(frozen=True)
@@ -341,29 +321,19 @@ class SmoothQuant(Selection, Pass):
             raise ValueError(f"smoothquant: alpha={self.alpha!r} must lie in [0, 1] or be 'auto'")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        per_batch = math.ceil(self.max_rows / max(1, len(ctx.calibration)))
         chosen: list[float] = []
+        auto = self.alpha == "auto"
 
-        def statistic() -> tuple[Callable[[torch.Tensor], None], Callable[[list[torch.Tensor]], torch.Tensor]]:
-            absmax: list[torch.Tensor] = []  # one running [K] maximum
-            rows: list[torch.Tensor] = []  # for "auto": evenly spaced rows of each batch
+        def choose(x: Stats, weights: list[torch.Tensor]) -> torch.Tensor:
+            assert x.max_abs is not None
+            if not auto:
+                return smoothquant_scales(x.max_abs, weights, float(self.alpha))
+            s, alpha = smoothquant_search_scales(x.rows, x.max_abs, weights, max_rows=self.max_rows)
+            chosen.append(alpha)
+            return s
 
-            def observe(x: torch.Tensor) -> None:
-                m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
-                absmax[:] = [torch.maximum(absmax[0], m) if absmax else m]
-                if self.alpha == "auto":
-                    rows.append(subsample_rows(x.detach().float(), per_batch))
-
-            def finish(weights: list[torch.Tensor]) -> torch.Tensor:
-                if self.alpha != "auto":
-                    return smoothquant_scales(absmax[0], weights, float(self.alpha))
-                s, alpha = smoothquant_search_scales(torch.cat(rows), absmax[0], weights, max_rows=self.max_rows)
-                chosen.append(alpha)
-                return s
-
-            return observe, finish
-
-        result = scale_groups(gm, ctx, self, self.name, statistic)
+        request = Request(max_abs=True, rows=self.max_rows if auto else 0)
+        result = scale_groups(gm, ctx, self, self.name, request, choose)
         if chosen:
             result.stats["alphas"] = chosen
         return result

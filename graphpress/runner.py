@@ -7,9 +7,9 @@ A node whose recomputed shape or dtype contradicts the val the pass left on it, 
 propagates, stops the pipeline with a PipelineError naming the pass and the node. Later passes and the
 exporters read shapes from ``meta["val"]``, so wrong metadata is a bug even when verify is off. Only the
 nodes a pass touched and what their shapes reach are recomputed (``propagate_shapes(gm, since=...)``).
-Measured on SmolLM2-135M (about 2,000 nodes, 2 shared CPU cores), exact recipe: 0.2 to 0.8 s per pass
-(250 to 770 nodes recomputed), against 2.3 to 3.6 s for a full propagation and 1.5 to 3.4 s for one
-verify run of the program; ``PassRecord.shape_seconds`` reports it per pass.
+Measured on SmolLM2-135M (2,365 nodes captured, 2 shared CPU cores), exact recipe: 0.2 to 1.0 s per
+modifying pass (250 to 770 nodes recomputed), against 2.3 to 4 s for a full propagation and 1.5 to 4 s for
+one verify run of the program; ``PassRecord.shape_seconds`` and ``shape_nodes`` report it per pass.
 
 In verify mode each pass's program is also run on the sample batch; each of its outputs is compared with the
 previous stage's (max abs / rel error, SQNR). An exact pass that moves outputs by more than

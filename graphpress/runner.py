@@ -1,12 +1,13 @@
 """The pipeline runner: runs passes in order, records what each did, and verifies as it goes.
 
-Shapes after every pass: after each pass that reports ``modified``, verify mode or not, every node's
-``meta["val"]`` is recomputed over the whole graph with fake tensors, in the fake mode of the placeholders'
-vals (so the batch and sequence dimensions stay the symbols capture gave them), and the graph is linted.
+Shapes after every pass: after each pass that reports ``modified``, verify mode or not, the graph is
+linted and ``meta["val"]`` is brought up to date over the whole graph with fake tensors, in the fake mode of
+the placeholders' vals (so the batch and sequence dimensions stay the symbols capture gave them).
 A node whose recomputed shape or dtype contradicts the val the pass left on it, or a graph that no longer
 propagates, stops the pipeline with a PipelineError naming the pass and the node. Later passes and the
-exporters read shapes from ``meta["val"]``, so wrong metadata is a bug even when verify is off. Only the
-nodes a pass touched and what their shapes reach are recomputed (``propagate_shapes(gm, since=...)``).
+exporters read shapes from ``meta["val"]``, so wrong metadata is a bug even when verify is off. A node the
+pass left alone (same target, arguments and val, inputs' shapes unchanged) keeps its val; the nodes it touched
+and those their new shapes reach are recomputed (``propagate_shapes(gm, since=...)``).
 Measured on SmolLM2-135M (2,365 nodes captured, 2 shared CPU cores), exact recipe: 0.2 to 1.0 s per
 modifying pass (250 to 770 nodes recomputed), against 2.3 to 4 s for a full propagation and 1.5 to 4 s for
 one verify run of the program; ``PassRecord.shape_seconds`` and ``shape_nodes`` report it per pass.

@@ -93,7 +93,7 @@ def capture(
                 raise CaptureError(_explain(name, e, active)) from e
     finally:
         model.train(was_training)
-    gm = ep.module()
+    gm = torch.nn.Module.train(ep.module(), False)  # inference until Program.train() (ep.module() refuses eval())
     log.info("captured %s: %d nodes", name, len(gm.graph.nodes))
     return Program(
         gm=gm,

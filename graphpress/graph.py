@@ -141,7 +141,7 @@ def infer_val(node: fx.Node) -> object:
 
     def fake(a: fx.Node) -> object:
         v = a.meta["val"]
-        return mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
+        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
     with mode:

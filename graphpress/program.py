@@ -39,12 +39,31 @@ class Program:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        """Run the program: without gradients, unless it is in training mode (``train()``)."""
+        if self.gm.training and torch.is_grad_enabled():
+            return self.gm(*inputs)
         with torch.no_grad():
             return self.gm(*inputs)
 
+    def train(self, mode: bool = True) -> Program:
+        """Training mode: calls record gradients for the parameters that require them (``parameters()``), so
+        the program trains with ``torch.optim`` like a module. Every graphpress op has a backward."""
+        # torch.export's modules refuse train()/eval() (their graph is fixed: dropout and batch norm were traced
+        # in eval mode); the flag alone is what Program reads, so set it through nn.Module's own method
+        torch.nn.Module.train(self.gm, mode)
+        return self
+
+    def eval(self) -> Program:
+        return self.train(False)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters that require gradients (each stored tensor once)."""
+        return [p for p in self.gm.parameters() if p.requires_grad]
+
     def outputs(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Every output as a list of tensors, in the order of ``output_names``."""
-        out = self(*inputs)
+        """Every output as a list of tensors, in the order of ``output_names`` (never recording gradients)."""
+        with torch.no_grad():
+            out = self.gm(*inputs)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def clone(self) -> Program:
@@ -88,7 +107,7 @@ class Program:
             raise ValueError(f"{path} was not saved by graphpress (Program.save): it holds no {_FACTS}")
         facts = json.loads(extra[_FACTS])
         args = ep.example_inputs[0] if ep.example_inputs else ()
-        gm = ep.module()
+        gm = torch.nn.Module.train(ep.module(), False)
         provenance.restore(gm, facts.get("provenance", {}))
         return cls(gm=gm, example_inputs=tuple(args), input_names=tuple(facts["input_names"]),
                    output_names=tuple(facts["output_names"]),

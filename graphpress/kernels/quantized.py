@@ -24,7 +24,8 @@ target options).
     graphpress::fake_quantize(w, scales, zeros, bits, group_size)
         w rounded onto the grid of ``scales`` / ``zeros`` (float, unpacked [N, G]) and back: training a
         program to be quantized (QAT). Gradient: straight through where w is inside the grid, 0 outside;
-        the scales get the LSQ gradient.
+        the scales get the LSQ gradient, scaled by 1 / sqrt(g * (2^bits - 1)) as LSQ prescribes (Esser et al.
+        2020), so that one learning rate suits weights and scales.
 
 Each op has a backward (``register_autograd``): programs that hold them can be trained.
 """
@@ -221,7 +222,8 @@ def _fake_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _fake_backward(ctx, grad):  # noqa: ANN001, ANN202
     """Straight-through estimator: d/dw = grad where w's code lies inside [0, 2^bits - 1], else 0.
-    d/dscales (LSQ): grad * (clamped code - zero - w / scale), summed over each group."""
+    d/dscales (LSQ): grad * (clamped code - zero - w / scale), summed over each group, times LSQ's
+    1 / sqrt(g * (2^bits - 1))."""
     w, scales, zeros = ctx.saved_tensors
     bits, group_size = ctx.args
     n, k = w.shape
@@ -234,7 +236,8 @@ def _fake_backward(ctx, grad):  # noqa: ANN001, ANN202
         wg = torch.nn.functional.pad(w.float(), (0, raw.shape[1] * group_size - k)).reshape(raw.shape)
         s = scales.float()[..., None]
         step = torch.where(inside, codes - z - wg / s, codes - z)
-        grad_scales = (g * step).sum(-1).to(scales.dtype)
+        lsq = ((1 << bits) - 1) * group_size
+        grad_scales = ((g * step).sum(-1) / lsq**0.5).to(scales.dtype)
     return grad_w, grad_scales, None, None, None
 
 

@@ -12,7 +12,9 @@ forward drops by about two thirds (BENCHMARKS.md).
 Run them last in a recipe: the scaling passes (fold_norm_scales, awq, smoothquant) look for the decomposed
 norm's weight multiply. A match is left alone, and reported in ``skipped``, when an intermediate value has
 another reader (fusing would compute it twice), eps is not a constant, or (rotary) x is not [B, H, S, D] with
-cos/sin [B or 1, 1, S, D] whose two halves repeat on the sample batch (ONNX RotaryEmbedding reads one half).
+cos/sin [B or 1, 1, S, D] whose two halves repeat (ONNX RotaryEmbedding reads one half), checked on the
+sample batch and on a probe batch with one more row and three times the sequence (positions past the
+sample's, where frequencies that repeat only by accident would part).
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class FuseRotary(Pass):
                 if found is not None:
                     matches.append((node, m_cos, m_sin, *found))
                     break
-        tables = _values(gm, ctx, {n for _, _, _, _, c, s, _ in matches for n in (c, s)}) if matches else {}
+        wanted = {n for _, _, _, _, c, s, _ in matches for n in (c, s)}
+        tables = [_values(gm, inputs, wanted) for inputs in _batches(ctx)] if matches else []
         fused = 0
         for add, m_cos, m_sin, x, cos, sin, rot in matches:
             why = _refusal(x, cos, sin, tables, (m_cos, m_sin, rot))
@@ -198,7 +201,7 @@ def _rotary_match(m_cos: fx.Node, m_sin: fx.Node) -> tuple[fx.Node, fx.Node, fx.
     return None
 
 
-def _refusal(x: fx.Node, cos: fx.Node, sin: fx.Node, values: dict[fx.Node, torch.Tensor],
+def _refusal(x: fx.Node, cos: fx.Node, sin: fx.Node, tables: list[dict[fx.Node, torch.Tensor]],
              inner: tuple[fx.Node, ...]) -> str | None:
     if any(len(n.users) != 1 for n in inner):
         return "an intermediate of the rotation has another reader"
@@ -206,18 +209,35 @@ def _refusal(x: fx.Node, cos: fx.Node, sin: fx.Node, values: dict[fx.Node, torch
     if not all(isinstance(v, torch.Tensor) for v in (xv, cv, sv)) or xv.dim() != 4 or \
             cv.dim() != 4 or sv.dim() != 4 or cv.shape[1] != 1 or sv.shape[1] != 1:
         return "x is not [B, H, S, D] with cos/sin [B, 1, S, D]"
-    for name, node in (("cos", cos), ("sin", sin)):
-        v = values.get(node)
-        if v is None:
-            return f"{name} could not be computed on the sample batch"
-        half = v.shape[-1] // 2
-        if not torch.equal(v[..., :half], v[..., half:]):
-            return f"the two halves of {name} differ (ONNX RotaryEmbedding assumes repeated frequencies)"
+    for values, batch in zip(tables, ("sample", "probe"), strict=False):
+        for name, node in (("cos", cos), ("sin", sin)):
+            v = values.get(node)
+            if v is None:
+                return f"{name} could not be computed on the {batch} batch"
+            half = v.shape[-1] // 2
+            if not torch.equal(v[..., :half], v[..., half:]):
+                return (f"the two halves of {name} differ on the {batch} batch (ONNX RotaryEmbedding assumes "
+                        "repeated frequencies)")
     return None
 
 
-def _values(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """Values of ``wanted`` nodes on the program's sample inputs (one forward, stopped early)."""
+def _batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+    """The sample batch, and a probe: each dynamic dimension grown (batch + 1 row, sequence x 3) by repeating
+    the sample along it, so positions past the sample's are computed too."""
+    program = ctx.program
+    probe = []
+    for x, dims in zip(program.example_inputs, program.dynamic_dims, strict=True):
+        for d, name in sorted(dims.items()):
+            if isinstance(x, torch.Tensor) and x.dim() > d:
+                x = torch.cat([x, x.narrow(d, 0, 1)], d) if name == "batch" else torch.cat([x] * 3, d)
+        probe.append(x)
+    return [program.example_inputs, tuple(probe)]
+
+
+def _values(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], wanted: set[fx.Node]
+            ) -> dict[fx.Node, torch.Tensor]:
+    """Values of ``wanted`` nodes on ``inputs`` (one forward, stopped early; a forward that fails, e.g. past
+    the model's positions, computes nothing)."""
     got: dict[fx.Node, torch.Tensor] = {}
     last = max((list(gm.graph.nodes).index(n) for n in wanted), default=-1)
 
@@ -236,7 +256,9 @@ def _values(gm: fx.GraphModule, ctx: PassContext, wanted: set[fx.Node]) -> dict[
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     try:
         with torch.no_grad():
-            _Grab(gm).run(*ctx.program.example_inputs)
+            _Grab(gm).run(*inputs)
     except _Stop:
         pass
+    except Exception:  # noqa: BLE001 - the refusal names the batch whose values are missing
+        return {}
     return got

@@ -70,16 +70,19 @@ def test_norm_whose_intermediate_is_read_elsewhere_is_left() -> None:
 class _Rotary(nn.Module):
     """q [B, H, S, D] rotated with cos/sin whose halves repeat (RoPE) or not."""
 
-    def __init__(self, repeat: bool) -> None:
+    def __init__(self, repeat: bool, until: int | None = None) -> None:
         super().__init__()
-        self.repeat = repeat
+        self.repeat, self.until = repeat, until  # until: the halves repeat only for positions below it
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         s, d = q.shape[2], q.shape[3]
         pos = torch.arange(s, dtype=torch.float32)[:, None]
         freq = 1.0 / 100 ** (torch.arange(d // 2, dtype=torch.float32) / (d // 2))
         angles = pos * freq
-        angles = torch.cat((angles, angles if self.repeat else angles * 2), -1)[None, None]
+        second = angles if self.repeat else angles * 2
+        if self.until is not None:
+            second = torch.where(pos < self.until, angles, angles * 2)
+        angles = torch.cat((angles, second), -1)[None, None]
         rotated = torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1)
         return q * angles.cos() + rotated * angles.sin()
 
@@ -94,3 +97,11 @@ def test_rotary_fuses_only_when_the_halves_repeat(tmp_path) -> None:
     kept, records = run_pipeline(capture(_Rotary(False), (q,)), [FuseRotary()], verify=True)
     assert records[0].stats["fused"] == 0 and count(kept, ROTARY) == 0
     assert "halves of cos differ" in next(iter(records[0].stats["skipped"].values()))
+
+
+def test_rotary_whose_halves_repeat_only_on_the_sample_positions_is_left() -> None:
+    q = torch.randn(2, 3, 5, 8)  # positions 0..4 on the sample; the probe batch reaches 0..14
+    program = capture(_Rotary(True, until=5), (q,), dynamic_dims=[{0: "batch", 2: "seq"}])
+    kept, records = run_pipeline(program, [FuseRotary()], verify=True)
+    assert records[0].stats["fused"] == 0 and count(kept, ROTARY) == 0
+    assert "halves of cos differ on the probe batch" in next(iter(records[0].stats["skipped"].values()))

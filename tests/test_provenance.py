@@ -133,3 +133,18 @@ def test_record_survives_clone_and_deepcopy_independently(llama: Program) -> Non
     assert "extra" not in out.gm.meta[KEY]
     assert copy.deepcopy(out.gm).meta[KEY] == table
     assert sorted(unmerge(clone)) == sorted(MERGED)
+
+
+def test_quantized_tensors_point_back_at_the_weights_before_the_merge() -> None:
+    from graphpress.passes.merge_siblings import MergeSiblingLinears
+    from graphpress.passes.quantize_embedding import QuantizeEmbedding
+    from graphpress.passes.weight_only import QuantizeRTN
+    from graphpress.runner import run_pipeline
+    from tests.conftest import capture_tiny
+
+    out, _ = run_pipeline(capture_tiny("llama"), [MergeSiblingLinears(), QuantizeRTN(bits=4, roles=("block",)),
+                                                  QuantizeEmbedding()])
+    qkv = sources_of(out.gm, "model.layers.0.self_attn.q_proj_k_proj_v_proj.qweight")
+    assert [p.source for p in qkv] == [f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkv"]
+    table = sources_of(out.gm, "model.embed_tokens.qweight")
+    assert [p.source for p in table] in (["lm_head.weight"], ["model.embed_tokens.weight"])

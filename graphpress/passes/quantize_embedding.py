@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
+from graphpress import provenance
 from graphpress.graph import aliases, cleanup, free_target, get_tensor, is_op, module_name, set_tensor
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.quant.qweight import QuantSpec
@@ -172,6 +173,7 @@ class QuantizeEmbedding(Selection, Pass):
         targets = {k: free_target(gm, f"{t.module}.{k}") for k in tensors}
         for k, value in tensors.items():
             set_tensor(gm, targets[k], value, buffer=True)  # codes and scales are buffers, not weights
+            provenance.record(gm, targets[k], [provenance.Piece(t.names[0])])
 
         users = t.embeddings + (t.linears if self.tie_output else [])
         first = next(n for n in gm.graph.nodes if n in users)

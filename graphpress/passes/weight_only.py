@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_linear)
+from graphpress import provenance
 from graphpress.graph import aliases, cleanup, get_tensor, is_op, is_shared, module_name, new_get_attr
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
@@ -85,6 +86,9 @@ def replace_linear(gm: fx.GraphModule, node: fx.Node, q: QuantizedWeight, activa
     qweight, scales, zeros = q.packed()
     tensors = [new_get_attr(gm, f"{prefix}.{name}", t, node, buffer=True) if t is not None else None
                for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", zeros))]
+    for t in tensors:  # made from the whole float weight (graphpress.provenance)
+        if t is not None:
+            provenance.record(gm, t.target, [provenance.Piece(node.args[1].target)])
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
             torch.ops.graphpress.quantized_linear.default,

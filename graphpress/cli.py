@@ -230,8 +230,13 @@ def print_summary(report: dict[str, Any], out: Path, console: Any = None) -> Non
         )
     console.print(table)
     check = report["onnx"]["check"]
-    agree = f"; onnxruntime vs torch program SQNR {_db(check['sqnr_db'])} dB" if check else ""
+    agree = (f"; onnxruntime vs torch program SQNR {_db(check['sqnr_db'])} dB (floor {check['floor_db']:g})"
+             if check else "")
     console.print(f"wrote {out / 'model.onnx'} and report.json{agree}")
+    target = report.get("target") or {}
+    if target:
+        options = ", ".join(f"{k}={v}" for k, v in target.get("options", {}).items())
+        console.print(f"target {target['name']}" + (f" ({options})" if options else ""))
     rows = _before_after(report)
     if rows:
         summary = Table(box=box.SIMPLE_HEAD, pad_edge=False)

@@ -108,9 +108,18 @@ def w8a8_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return fake_quantize_rows(x) @ (wq.float() * ws[:, None]).T
 
 
-def w8a8_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> float:
-    """||w8a8_product(x, w) - ref||^2: what the scale searches minimize."""
-    return (w8a8_product(x, w) - ref).double().pow(2).sum().item()
+def w8a8_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, rows: int = 4096) -> float:
+    """||w8a8_product(x, w) - ref||^2 (x [T, K], w [N, K], ref [T, N]): what the scale searches minimize.
+
+    Summed over chunks of ``rows`` rows of w (each row is rounded on its own, so the product is the same):
+    for a 49k-row head on 1024 calibration rows, whole it held ~1.3 GB of [T, N] temporaries (measured
+    2.59 GB peak against 1.54 GB for SmolLM2's head smoothing)."""
+    xq = fake_quantize_rows(x)  # [T, K]
+    total = 0.0
+    for i in range(0, w.shape[0], rows):
+        wq, ws = symmetric_int8_rows(w[i : i + rows])
+        total += (xq @ (wq.float() * ws[:, None]).T - ref[:, i : i + rows]).double().pow(2).sum().item()
+    return total
 
 
 @torch.no_grad()

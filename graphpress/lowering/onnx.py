@@ -7,6 +7,7 @@ reference and tokenizer), and stores weights as external data only when the prot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from onnx import numpy_helper
 
 from graphpress.errors import one_line
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
-from graphpress.lowering.rules import RuleTable, TargetError, apply_rules
+from graphpress.lowering.rules import RuleTable, TargetError, apply_rules, emulation
 from graphpress.metrics import compare_outputs
 from graphpress.program import Program
 
@@ -64,8 +65,9 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``program`` to ``path``; with ``check``, run it in onnxruntime and compare with torch.
 
-    The check passes when the SQNR of onnxruntime's output against the torch program reaches the floor of
-    the rules used (``Rule.check_sqnr_db``: 60 dB for exact lowerings and plain float programs; a wrong layout
+    The check passes when the SQNR of onnxruntime's output against the torch program (computing what the
+    rules' emulations say the runtime computes: int8 activations, float16 scales) reaches the floor of the
+    rules used (``Rule.check_sqnr_db``: 60 dB for exact lowerings and plain float programs; a wrong layout
     lands near 0 dB), or, when ``tolerance`` is given, when the max relative error is at most ``tolerance``.
     ``rules``: the target's table, to which a caller adds its own (``onnxruntime_rules() + RuleTable((Rule(op,
     fn),))``).
@@ -113,7 +115,8 @@ def export_onnx(
     log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
     result = ExportResult(path, size, lowered, None)
     if check:
-        result.check = c = {**check_onnx(program, path), "floor_db": floor}
+        # against what the runtime is meant to compute (the rules' emulations) and against the program itself
+        result.check = c = {**check_onnx(program, path, emulated=emulation(program.gm, rules)), "floor_db": floor}
         ok = c["max_rel"] <= tolerance if tolerance is not None else c["sqnr_db"] >= floor
         if not ok:
             bound = f"max rel {tolerance:g}" if tolerance is not None else f"SQNR {floor:g} dB"
@@ -249,16 +252,23 @@ def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
 
 
-def check_onnx(program: Program, path: str | os.PathLike[str], inputs: tuple[torch.Tensor, ...] | None = None
-               ) -> dict[str, float]:
+def check_onnx(program: Program, path: str | os.PathLike[str], inputs: tuple[torch.Tensor, ...] | None = None,
+               emulated: torch.fx.GraphModule | None = None) -> dict[str, float]:
     """Run the file in onnxruntime and the program in torch on the same batch; compare every output (the
-    worst of each measure)."""
+    worst of each measure). With ``emulated`` (the program computing what the runtime is meant to compute,
+    ``rules.emulation``), the measures are against it, and ``program_sqnr_db`` / ``program_max_rel`` against
+    the program itself."""
     inputs = inputs or _other_batch(program)
-    ref = program.outputs(*inputs)
     session = ort_session(path)
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)}
     out = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
-    return compare_outputs(ref, out, program.output_names)[0]
+    del session
+    plain = compare_outputs(program.outputs(*inputs), out, program.output_names)[0]
+    if emulated is None:
+        return plain
+    reference = dataclasses.replace(program, gm=emulated).outputs(*inputs)
+    return {**compare_outputs(reference, out, program.output_names)[0], "program_sqnr_db": plain["sqnr_db"],
+            "program_max_rel": plain["max_rel"]}
 
 
 def _other_batch(program: Program) -> tuple[torch.Tensor, ...]:

@@ -33,18 +33,24 @@ import torch
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
-from graphpress.kernels.quantized import int8_weight, unpack_codes
+from graphpress.kernels.quantized import (
+    dequantize,
+    int8_weight,
+    quantized_embedding_reference,
+    unpack_codes,
+    w8a8_product,
+)
 from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError
 from graphpress.quant.int8 import TINY
 
 MS = "com.microsoft"
 KERNELS = ("nbits", "int8")
 
-# export-check floors (SQNR of the whole model's output, onnxruntime against the torch program), per emitted
-# computation. Float products are exact up to rounding (> 60 dB; float16 scales ~70 dB). int8 activations
-# round what the torch program keeps in float (or, for activation_bits=8, round the same values, where one
-# tie that falls the other way changes a code and spreads through attention): a 4-bit SmolLM2 measured
-# 28 dB, W8A8 31 dB, a tiny llama 60 dB; a wrong layout measures near 0 dB.
+# export-check floors (SQNR of the whole model's output, onnxruntime against the torch program computing what
+# the rules' emulations say onnxruntime computes: float16 scales, int8 activations), per emitted computation.
+# Float products are exact up to rounding (> 60 dB). With int8 activations the emulation rounds the same
+# values, but one tie that falls the other way in float changes a code and spreads through attention: a
+# 4-bit SmolLM2 measured 28 dB, W8A8 31 dB, a tiny llama 60 dB; a wrong layout measures near 0 dB.
 INT8_ACTIVATIONS_DB = 20.0
 ACCURACY_LEVEL_DB = {0: EXACT_DB, 1: EXACT_DB, 2: 40.0, 3: 30.0, 4: INT8_ACTIVATIONS_DB}
 
@@ -101,6 +107,16 @@ def _w8a8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor 
     return y + bias if bias is not None else y
 
 
+def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``unpack_uint8`` as uint8 ONNX ops (BitShift, Mul, Sub): the exporter's own bit shift goes through int8."""
+    if bits == 8:
+        return packed[..., :count]
+    high = torch.onnx.ops.symbolic("BitShift", [packed, torch.tensor(4, dtype=torch.uint8)],
+                                   attrs={"direction": "RIGHT"}, dtype=torch.uint8, shape=packed.shape, version=11)
+    low = packed - high * torch.tensor(16, dtype=torch.uint8)
+    return torch.stack((low, high), dim=-1).flatten(-2)[..., :count]
+
+
 def _round_scales(scales: torch.Tensor, fp16: bool) -> torch.Tensor:
     return scales.to(torch.float16).to(scales.dtype) if fp16 else scales
 
@@ -109,7 +125,7 @@ def _linear_rule(kernel: str, accuracy_level: int, fp16_scales: bool) -> Callabl
     def lower(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
         scales = _round_scales(scales, fp16_scales)
         if activation_bits == 8 or kernel == "int8":
-            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size), bias)
+            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size, _unpack), bias)
         n, groups = scales.shape
         block = block_size(group_size, in_features, groups, f"a {bits}-bit linear [{n}, {in_features}]")
         scales, zeros = _as_blocks(scales, zeros, bits, group_size, block)
@@ -131,6 +147,32 @@ def _linear_rule(kernel: str, accuracy_level: int, fp16_scales: bool) -> Callabl
         )
 
     return lower
+
+
+def quantize_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] rounded as MatMulNBits at accuracy_level 4 rounds it: symmetric int8 per row and block of K
+    (scale = amax / 127, round half to even)."""
+    k = x.shape[-1]
+    blocks = -(-k // block)
+    xb = torch.nn.functional.pad(x.float(), (0, blocks * block - k)).unflatten(-1, (blocks, block))
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).flatten(-2)[..., :k].to(x.dtype)
+
+
+def _linear_emulation(kernel: str, accuracy_level: int, fp16_scales: bool) -> Callable[..., torch.Tensor]:
+    """What onnxruntime computes for quantized_linear under these options (the export check's reference)."""
+    def emulate(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
+        scales = _round_scales(scales, fp16_scales)
+        if activation_bits == 8 or kernel == "int8":
+            y = w8a8_product(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size))
+            return (y if bias is None else y + bias).to(x.dtype)
+        if accuracy_level == 4:
+            x = quantize_blocks(x, block_size(group_size, in_features, scales.shape[1], "a linear"))
+        w = dequantize(qweight, scales, zeros, in_features, bits, group_size).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+    return emulate
 
 
 def _embedding_rule(fp16_scales: bool) -> Callable[..., torch.Tensor]:
@@ -177,9 +219,14 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
         activation_bits = args[8] if len(args) > 8 else 0
         return INT8_ACTIVATIONS_DB if activation_bits == 8 else linear_db
 
+    def embedding_emulation(qweight, scales, zeros, indices, bits, group_size, hidden):  # noqa: ANN001, ANN202
+        return quantized_embedding_reference(qweight, _round_scales(scales, fp16_scales), zeros, indices, bits,
+                                             group_size, hidden)
+
     return RuleTable((
         Rule(torch.ops.graphpress.quantized_linear.default, _linear_rule(kernel, accuracy_level, fp16_scales),
-             check_sqnr_db=linear_floor),
-        Rule(torch.ops.graphpress.quantized_embedding.default, _embedding_rule(fp16_scales)),
+             check_sqnr_db=linear_floor, emulate=_linear_emulation(kernel, accuracy_level, fp16_scales)),
+        Rule(torch.ops.graphpress.quantized_embedding.default, _embedding_rule(fp16_scales),
+             emulate=embedding_emulation),
         Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
     ))

@@ -38,6 +38,10 @@ class Rule:
     target: str = "onnxruntime"
     # the export check's floor for this rule's output (a function of the node's args for option-dependent ones)
     check_sqnr_db: float | Callable[..., float] = EXACT_DB
+    # what the runtime computes, in PyTorch (same signature as the op), where it differs from the op's
+    # reference by more than rounding (int8 activations, float16 scales): the export check compares the
+    # runtime with the program computing this, and holds it to the floor
+    emulate: Callable[..., torch.Tensor] | None = None
 
     def floor(self, node: fx.Node) -> float:
         f = self.check_sqnr_db
@@ -60,6 +64,21 @@ class RuleTable:
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)
+
+
+def emulation(gm: fx.GraphModule, table: RuleTable) -> fx.GraphModule | None:
+    """A copy of ``gm`` in which each node whose rule emulates its runtime calls that emulation; None when no
+    rule used here emulates."""
+    if not any(n.op == "call_function" and (r := table.lookup(n.target)) is not None and r.emulate is not None
+               for n in gm.graph.nodes):
+        return None
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        rule = table.lookup(node.target) if node.op == "call_function" else None
+        if rule is not None and rule.emulate is not None:
+            node.target = rule.emulate
+    gm.recompile()
+    return gm
 
 
 def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, dict[str, int], float]:

@@ -90,7 +90,8 @@ def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     z = zp.float()  # [N, G]: small tensors in float
     reach = torch.maximum(codes.amax(-1).float() - z, z - codes.amin(-1).float())
     s = scales.float()
-    r = (s.abs() * reach).amax(-1)  # [N]: max |w| of each row
+    r = (s * reach).abs().amax(-1)  # [N]: max |w| of each row (no op on the scales alone: a lowering would
+    # fold it into one more stored copy of them)
     r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
     factor = s * (127.0 / r)[:, None]  # [N, G]
     centered = codes.to(torch.int16) - zp[..., None]  # [N, G, g] int16

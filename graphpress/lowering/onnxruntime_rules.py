@@ -33,6 +33,7 @@ import torch
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
+from graphpress.graph import get_tensor, set_tensor
 from graphpress.kernels.quantized import (
     dequantize,
     int8_weight,
@@ -44,6 +45,8 @@ from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError
 from graphpress.quant.int8 import TINY
 
 MS = "com.microsoft"
+LINEAR = torch.ops.graphpress.quantized_linear.default
+EMBEDDING = torch.ops.graphpress.quantized_embedding.default
 KERNELS = ("nbits", "int8")
 
 # export-check floors (SQNR of the whole model's output, onnxruntime against the torch program computing what
@@ -121,9 +124,21 @@ def _round_scales(scales: torch.Tensor, fp16: bool) -> torch.Tensor:
     return scales.to(torch.float16).to(scales.dtype) if fp16 else scales
 
 
-def _linear_rule(kernel: str, accuracy_level: int, fp16_scales: bool) -> Callable[..., torch.Tensor]:
+def _fp16_scales(gm: torch.fx.GraphModule) -> None:
+    """Every quantized op's scales rounded to float16 values in place (the copy being exported): the file then
+    stores them as float16 (graphpress.lowering.onnx.compact), and the scales feed the rules unchanged."""
+    done = set()
+    for node in gm.graph.nodes:
+        index = {LINEAR: 2, EMBEDDING: 1}.get(node.target) if node.op == "call_function" else None
+        scales = node.args[index] if index is not None else None
+        if isinstance(scales, torch.fx.Node) and scales.op == "get_attr" and scales.target not in done:
+            done.add(scales.target)
+            t = get_tensor(gm, scales)
+            set_tensor(gm, scales.target, _round_scales(t, True), buffer=not isinstance(t, torch.nn.Parameter))
+
+
+def _linear_rule(kernel: str, accuracy_level: int) -> Callable[..., torch.Tensor]:
     def lower(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
-        scales = _round_scales(scales, fp16_scales)
         if activation_bits == 8 or kernel == "int8":
             return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size, _unpack), bias)
         n, groups = scales.shape
@@ -175,14 +190,14 @@ def _linear_emulation(kernel: str, accuracy_level: int, fp16_scales: bool) -> Ca
     return emulate
 
 
-def _embedding_rule(fp16_scales: bool) -> Callable[..., torch.Tensor]:
+def _embedding_rule() -> Callable[..., torch.Tensor]:
     def lower(qweight, scales, zeros, indices, bits, group_size, hidden):  # noqa: ANN001, ANN202
         v, groups = scales.shape
         if hidden * bits % 8:
             raise TargetError(f"onnxruntime cannot gather a {bits}-bit table of H={hidden} columns: "
                               "GatherBlockQuantized reads H as whole bytes. Quantize it with 8 bits")
         block = block_size(group_size, hidden, groups, f"a {bits}-bit embedding [{v}, {hidden}]")
-        scales, zeros = _as_blocks(_round_scales(scales, fp16_scales), zeros, bits, group_size, block)
+        scales, zeros = _as_blocks(scales, zeros, bits, group_size, block)
         blocks = -(-hidden // block)  # the op reads no padded block
         data = qweight[:, : hidden * bits // 8]
         inputs = [data, indices, scales[:, :blocks]] + ([] if zeros is None else [zeros[:, : -(-blocks * bits // 8)]])
@@ -224,9 +239,8 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
                                              group_size, hidden)
 
     return RuleTable((
-        Rule(torch.ops.graphpress.quantized_linear.default, _linear_rule(kernel, accuracy_level, fp16_scales),
-             check_sqnr_db=linear_floor, emulate=_linear_emulation(kernel, accuracy_level, fp16_scales)),
-        Rule(torch.ops.graphpress.quantized_embedding.default, _embedding_rule(fp16_scales),
-             emulate=embedding_emulation),
+        Rule(LINEAR, _linear_rule(kernel, accuracy_level), check_sqnr_db=linear_floor,
+             emulate=_linear_emulation(kernel, accuracy_level, fp16_scales)),
+        Rule(EMBEDDING, _embedding_rule(), emulate=embedding_emulation),
         Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
-    ))
+    ), prepare=_fp16_scales if fp16_scales else None)

@@ -51,6 +51,9 @@ class Rule:
 @dataclass(frozen=True)
 class RuleTable:
     rules: tuple[Rule, ...] = ()
+    # rewrites the copy of the program about to be exported, before the rules (a target's storage choices for
+    # initializers, e.g. scales rounded to float16 values so that the file stores them in half the bytes)
+    prepare: Callable[[fx.GraphModule], None] | None = None
 
     def __post_init__(self) -> None:
         ops = [r.op for r in self.rules]
@@ -59,8 +62,15 @@ class RuleTable:
             raise ValueError(f"lowering table has more than one rule for {', '.join(sorted(dup))}")
 
     def __add__(self, other: RuleTable | Iterable[Rule]) -> RuleTable:
-        extra = other.rules if isinstance(other, RuleTable) else tuple(other)
-        return RuleTable(self.rules + extra)
+        if not isinstance(other, RuleTable):
+            return RuleTable(self.rules + tuple(other), self.prepare)
+        steps = [p for p in (self.prepare, other.prepare) if p is not None]
+
+        def prepare(gm: fx.GraphModule) -> None:
+            for step in steps:
+                step(gm)
+
+        return RuleTable(self.rules + other.rules, prepare if steps else None)
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)
@@ -87,6 +97,8 @@ def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, d
     from graphpress.kernels import REFERENCES
 
     gm = copy.deepcopy(gm)
+    if table.prepare is not None:
+        table.prepare(gm)
     counts: dict[str, int] = {}
     floor = EXACT_DB
     for node in gm.graph.nodes:

@@ -71,30 +71,21 @@ def unpack_uint8(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)[..., :count]
 
 
-def requantize(codes: torch.Tensor, zeros: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, G, g], uint8 zero points and float factors [N, G] -> int8 round((code - zero) * factor)
-    (rounding half to even)."""
-    centered = codes.to(torch.int16) - zeros.to(torch.int16)[..., None]
-    return torch.round(centered.float() * factor[..., None]).to(torch.int8)
-
-
 def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
                 bits: int, group_size: int, unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = unpack_uint8,
-                requant: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = requantize,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight as int8 codes [N, K] and one float32 scale per row r / 127 (r = max |w| of the row), for int8
     products: the codes themselves for 8-bit symmetric weights with one group per row (exact), else
     q = round((code - zero) * scale * 127 / r), the weight requantized symmetric per row (an error ~1/8 of a
     4-bit step). Written in integer ops where the tensors are [N, K] and in float only where they must be,
     since a runtime folding it at session start holds every intermediate at once (onnxruntime: ~7 GB for
-    SmolLM2 when this was written in float throughout); ``unpack`` / ``requant``: how a lowering spells
-    ``unpack_uint8`` / ``requantize``."""
+    SmolLM2 when this was written in float throughout); ``unpack``: how a lowering spells ``unpack_uint8``."""
     n, groups = scales.shape
     if bits == 8 and zeros is None and groups == 1:
         return (qweight[:, :in_features].to(torch.int16) - 128).to(torch.int8), scales[:, 0].float()
     codes = unpack(qweight, bits, groups * group_size).reshape(n, groups, group_size)
-    zp = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.uint8) if zeros is None
-          else unpack(zeros, bits, groups))  # [N, G] uint8
+    zp = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int16) if zeros is None
+          else unpack(zeros, bits, groups).to(torch.int16))  # [N, G]
     # per group max |code - zero| from the codes' range: no [N, K] float
     z = zp.float()  # [N, G]: small tensors in float
     reach = torch.maximum(codes.amax(-1).float() - z, z - codes.amin(-1).float())
@@ -103,7 +94,8 @@ def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     # fold it into one more stored copy of them)
     r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
     factor = s * (127.0 / r)[:, None]  # [N, G]
-    q = requant(codes, zp, factor)  # [N, G, g] int8
+    centered = codes.to(torch.int16) - zp[..., None]  # [N, G, g] int16
+    q = torch.round(centered.float() * factor[..., None]).to(torch.int8)
     return q.reshape(n, groups * group_size)[:, :in_features], r / 127.0
 
 

@@ -120,18 +120,6 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)[..., :count]
 
 
-def _requantize(codes: torch.Tensor, zeros: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``requantize`` as two ONNX nodes: a blocked DequantizeLinear ((code - zero) * factor per group) and a
-    QuantizeLinear to int8 (round half to even): folded at session start, they hold 5 bytes per weight."""
-    n, groups, g = codes.shape
-    y = torch.onnx.ops.symbolic("DequantizeLinear", [codes.reshape(n, groups * g), factor, zeros],
-                                attrs={"axis": 1, "block_size": g}, dtype=torch.float32, shape=[n, groups * g],
-                                version=23)
-    q = torch.onnx.ops.symbolic("QuantizeLinear", [y, torch.tensor(1.0), torch.tensor(0, dtype=torch.int8)],
-                                dtype=torch.int8, shape=[n, groups * g], version=23)
-    return q.reshape(n, groups, g)
-
-
 def _round_scales(scales: torch.Tensor, fp16: bool) -> torch.Tensor:
     return scales.to(torch.float16).to(scales.dtype) if fp16 else scales
 
@@ -152,8 +140,7 @@ def _fp16_scales(gm: torch.fx.GraphModule) -> None:
 def _linear_rule(kernel: str, accuracy_level: int) -> Callable[..., torch.Tensor]:
     def lower(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
         if activation_bits == 8 or kernel == "int8":
-            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size, _unpack, _requantize),
-                         bias)
+            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size, _unpack), bias)
         n, groups = scales.shape
         block = block_size(group_size, in_features, groups, f"a {bits}-bit linear [{n}, {in_features}]")
         scales, zeros = _as_blocks(scales, zeros, bits, group_size, block)

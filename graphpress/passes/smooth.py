@@ -285,7 +285,7 @@ class AWQ(WeightOnlyConfig):
     grid: int = 20
     max_rows: int = 4096  # activation rows per group that the search weighs the error on
     # 8: weigh the error of the product with activations rounded to 8 bits per token (weights requantized to
-    # int8 per channel), for targets that multiply W4 weights that way (onnxruntime's kernel: int8)
+    # int8 per channel), for targets that multiply W4 weights that way (W4A8)
     activation_bits: int = 0
 
     def __post_init__(self) -> None:

@@ -112,7 +112,7 @@ def gptq_quantize(
     if act_order and grouped and not static:
         raise ValueError(
             "gptq_quantize: act_order with dynamic groups gives non-contiguous groups (g_idx) that the "
-            "QuantizedWeight / MatMulNBits format cannot store; pass static_groups=True (or leave it None)"
+            "QuantizedWeight format cannot store; pass static_groups=True (or leave it None)"
         )
     g, n_groups = spec.group_len(k), spec.n_groups(k)
 

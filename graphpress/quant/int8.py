@@ -5,10 +5,10 @@
     y = x @ w^T ~= (x_q @ w_q^T)_int32 * x_s[..., None] * w_s          (int8_matmul_reference)
 -128 is left unused so that the range is symmetric and negation is exact.
 
-``quantize_rows_uint8`` is the activation rounding the onnxruntime lowering computes: every row scaled to
+``quantize_rows_uint8`` is the W8A8 activation rounding (the model's semantics): every row scaled to
 absmax 1, then the whole tensor quantized to uint8 the way ONNX DynamicQuantizeLinear does (one asymmetric
 scale over [min(0, min), max(0, max)] ~ [-1, 1]). That is per-token quantization with 255 levels, in the form
-onnxruntime's fused DynamicQuantizeMatMul takes.
+a per-tensor dynamic quantizer takes.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def dynamic_quantize_linear(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """ONNX DynamicQuantizeLinear: x -> (uint8 codes, float32 scale [], uint8 zero point []), one scale for x.
 
     scale = (max(0, max x) - min(0, min x)) / 255 (1 when that is 0), zero point = round(clamp(-min / scale)),
-    codes = clamp(round(x / scale) + zero point, 0, 255), rounding half to even as onnxruntime does.
+    codes = clamp(round(x / scale) + zero point, 0, 255), rounding half to even.
     """
     x = x.float()
     lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)

@@ -12,7 +12,7 @@ Conventions
 - Codes are unsigned, 0 .. 2^b - 1, for both modes, so one format covers both.
 - Asymmetric: the range [lo, hi] always contains 0 (lo = min(w, 0), hi = max(w, 0));
   scale = (hi - lo) / (2^b - 1), zero = clamp(round(-lo / scale), 0, 2^b - 1). Zero is then exact.
-- Symmetric: zero = 2^(b-1) (onnxruntime's default zero point), so codes - zero lies in
+- Symmetric: zero = 2^(b-1) (the implied zero point of unsigned codes), so codes - zero lies in
   [-2^(b-1), 2^(b-1) - 1]. The scale's sign is chosen so that the group's largest-magnitude weight lands
   exactly on -2^(b-1) (the side with the extra code): scale = -w_extreme / 2^(b-1), negative when the extreme
   is positive. Symmetric scales may therefore be negative; the dequantization formula is unchanged.

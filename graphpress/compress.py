@@ -31,6 +31,7 @@ from graphpress.errors import describe, one_line
 from graphpress.latency import latencies
 from graphpress.lowering.onnx import export_onnx, ort_forward
 from graphpress.lowering.targets import DEFAULT_TARGET, target_rules
+from graphpress.memory import release_memory
 from graphpress.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -57,7 +58,7 @@ class Source:
     """What to compress: a loaded model with its tokenizer, or a plain module from a Python file."""
 
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None once compress has captured it (the program holds its weights)
     kind: str
     tokenizer: Any = None
     example_inputs: dict[str, Any] | tuple[Any, ...] | None = None
@@ -65,9 +66,11 @@ class Source:
     # why there is no tokenizer (a Hugging Face directory saved without one)
     no_tokenizer: str = ""
 
-    @property
-    def context(self) -> int | None:
-        return context_length(self.model)
+    context: int | None = None  # the model's maximum positions, when it has one
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.context is None:
+            self.context = context_length(self.model)
 
     def need_text(self, what: str) -> None:
         """Refuse ``what`` (something that needs text) when there is no tokenizer."""
@@ -247,14 +250,6 @@ def _pad_id(src: Source) -> int:
     return pad if isinstance(pad, int) else 0
 
 
-def evaluate_source(src: Source, forward: ev.Forward, progress: bool = False) -> dict[str, Any] | None:
-    if src.kind not in ("causal-lm", "encoder") or src.tokenizer is None:
-        return None
-    reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
-    return ev.evaluate(src.kind, forward, src.tokenizer, reference, progress=progress,
-                       context=src.context).to_json()
-
-
 def latency_feed(src: Source, program: Program, tokens: int = LATENCY_TOKENS) -> dict[str, Any]:
     """One row of ``tokens`` token ids (Hugging Face models), or the first row of the sample batch."""
     if src.kind in ("causal-lm", "encoder"):
@@ -303,40 +298,58 @@ def compress(
         src = resolve_source(model)
     with timer("calibration data"):
         cal = prepare_calibration(src, rec, given)
+    cal_origin = cal.origin
     with timer("capture"):
         program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
-    with timer("passes"):
-        compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=cal.batches,
-                                           progress=progress)
-    with staged_output(out, force=force, protected=protected) as tmp:
-        with timer("export"):
-            exported = export_onnx(compressed, tmp / "model.onnx", rules=rules,
-                                   metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
-        if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
-            src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
-        report: dict[str, Any] = {
-            "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
-            "recipe": rec.to_json(),
-            "target": {"name": target, "options": options},
-            "calibration": cal.origin,
-            "passes": [r.to_json() for r in records],
-            "parameters": {"before": program.num_parameters(), "after": compressed.num_parameters()},
-            "bytes": {"before": program.num_bytes(), "after": compressed.num_bytes(), "onnx_file": exported.bytes},
-            "onnx": {**exported.to_json(), "path": "model.onnx"},
-            "evaluation": None,
-            "latency": None,
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        }
+    before = {"parameters": program.num_parameters(), "bytes": program.num_bytes()}
+    feed = latency_feed(src, program) if evaluate else None
+    # from here on the program is the model: the passes rewrite it in place, so that the weights they replace
+    # are freed, and "before" is the uncompressed program's export, evaluated in the same runtime
+    src.model = None
+    with contextlib.ExitStack() as stack:
+        reference = None
         if evaluate:
-            with timer("evaluation"):
-                report["evaluation"] = _evaluations(src, compressed if evaluate_torch else None, exported.path,
-                                                    threads, progress)
-            with timer("latency"):
-                report["latency"], report["bytes"]["onnx_file_before"] = _latency(src, program, exported.path,
-                                                                                  threads)
-        report["seconds"] = time.perf_counter() - start
-        report["timings"] = timer.seconds
-        (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
+            ref_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphpress-reference-")))
+            with timer("reference export"):
+                reference = export_onnx(program, ref_dir / "model.onnx", check=False)
+            release_memory()
+        with timer("passes"):
+            compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=cal.batches,
+                                               progress=progress, in_place=True)
+        del program, cal
+        release_memory()
+        with staged_output(out, force=force, protected=protected) as tmp:
+            with timer("export"):
+                exported = export_onnx(compressed, tmp / "model.onnx", rules=rules, metadata={
+                    "source": src.source, "recipe": rec.name, "context": src.context or ""})
+            if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
+                src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
+            report: dict[str, Any] = {
+                "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
+                "recipe": rec.to_json(),
+                "target": {"name": target, "options": options},
+                "calibration": cal_origin,
+                "passes": [r.to_json() for r in records],
+                "parameters": {"before": before["parameters"], "after": compressed.num_parameters()},
+                "bytes": {"before": before["bytes"], "after": compressed.num_bytes(), "onnx_file": exported.bytes},
+                "onnx": {**exported.to_json(), "path": "model.onnx"},
+                "evaluation": None,
+                "latency": None,
+                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            }
+            if not evaluate_torch:
+                del compressed
+                release_memory()
+            if reference is not None and feed is not None:
+                with timer("evaluation"):
+                    report["evaluation"] = _evaluations(src, compressed if evaluate_torch else None,
+                                                        reference.path, exported.path, threads, progress)
+                with timer("latency"):
+                    report["latency"] = _latency(feed, reference.path, exported.path, threads)
+                report["bytes"]["onnx_file_before"] = reference.bytes
+            report["seconds"] = time.perf_counter() - start
+            report["timings"] = timer.seconds
+            (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
 
 
@@ -355,30 +368,36 @@ class _Timer:
             self.seconds[stage] = round(time.perf_counter() - t, 2)
 
 
-def _evaluations(src: Source, compressed: Program | None, onnx_path: Path, threads: int, progress: bool
-                 ) -> dict[str, Any] | None:
+def _evaluations(src: Source, compressed: Program | None, reference: Path, onnx_path: Path, threads: int,
+                 progress: bool) -> dict[str, Any] | None:
+    """Quality before (the uncompressed program's export ``reference``) and after (``onnx_path``; and the
+    compressed torch program when given), each in its own onnxruntime session, one at a time (an encoder's
+    evaluation compares with the reference, so that one stays open beside it)."""
     if src.kind not in ("causal-lm", "encoder"):
         return None
     if src.tokenizer is None:
         return {"skipped": f"{src.no_tokenizer}: evaluation needs text"}
-    result = {"before": evaluate_source(src, ev.torch_forward(src.model, src.kind), progress)}
+    ref = ort_forward(reference, threads) if src.kind == "encoder" else None
+
+    def run(forward: ev.Forward) -> dict[str, Any]:
+        result = ev.evaluate(src.kind, forward, src.tokenizer, ref, progress=progress, context=src.context)
+        return result.to_json()
+
+    result = {"before": run(ref or ort_forward(reference, threads))}
+    release_memory()
     if compressed is not None:
-        result["after_torch"] = evaluate_source(src, ev.torch_forward(compressed, src.kind), progress)
-    result["after_onnx"] = evaluate_source(src, ort_forward(onnx_path, threads), progress)
+        result["after_torch"] = run(ev.torch_forward(compressed, src.kind))
+    result["after_onnx"] = run(ort_forward(onnx_path, threads))
+    release_memory()
     return result
 
 
-def _latency(src: Source, program: Program, onnx_path: Path, threads: int
-             ) -> tuple[dict[str, Any], int]:
-    """onnxruntime latency of the uncompressed program's export (made in a temporary directory) and of the
-    compressed file, interleaved in one run; and the uncompressed file's size."""
-    feed = latency_feed(src, program)
-    with tempfile.TemporaryDirectory(prefix="graphpress-reference-") as ref_dir:
-        reference = export_onnx(program, Path(ref_dir) / "model.onnx", check=False)
-        before, after = latencies([reference.path, onnx_path], [feed, feed], threads, runs=LATENCY_RUNS,
-                                  warmup=2, rounds=2)
-    shape = {k: list(v.shape) for k, v in feed.items()}
-    return {"inputs": shape, "before": before, "after": after}, reference.bytes
+def _latency(feed: dict[str, Any], reference: Path, onnx_path: Path, threads: int) -> dict[str, Any]:
+    """onnxruntime latency of the uncompressed program's export and of the compressed file, interleaved in one
+    run."""
+    before, after = latencies([reference, onnx_path], [feed, feed], threads, runs=LATENCY_RUNS, warmup=2,
+                              rounds=2)
+    return {"inputs": {k: list(v.shape) for k, v in feed.items()}, "before": before, "after": after}
 
 
 def clean_json(x: Any) -> Any:

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from graphpress import provenance
 from graphpress.errors import describe
+from graphpress.memory import release_memory
 from graphpress.metrics import compare_outputs
 from graphpress.passes.base import Pass, PassContext
 from graphpress.program import Program
@@ -106,6 +107,7 @@ def run_pipeline(
         except Exception as e:
             raise PipelineError(f"pass {p.name} failed on {program.name} (after {_list(done)}): {e}") from e
         seconds = time.perf_counter() - start
+        release_memory()  # what the pass freed, before the next one allocates
         if result.gm is not program.gm and provenance.KEY not in result.gm.meta:
             provenance.restore(result.gm, provenance.to_json(program.gm))  # a new GraphModule starts bare
         program.gm = result.gm

@@ -176,6 +176,15 @@ def observe_part(forward: Callable[..., list], groups: Sequence[Group], request:
     return found
 
 
+def spread(batches: list[tuple[torch.Tensor, ...]], n: int) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` of ``batches`` evenly spaced from first to last (all of them for n = 0 or n >= their number)."""
+    if n <= 0 or n >= len(batches):
+        return list(batches)
+    if n == 1:
+        return [batches[0]]
+    return [batches[round(i * (len(batches) - 1) / (n - 1))] for i in range(n)]
+
+
 def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], groups: Sequence[Group],
                       request: Request, on_stats: OnStats) -> set[str]:
     """Stream ``batches`` through ``gm`` block by block; for each part reading some groups' weights, observe

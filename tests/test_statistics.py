@@ -9,7 +9,15 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphpress.statistics import Group, Request, Stats, groups_by_input, observe_part, stream_statistics
+from graphpress.statistics import (
+    Group,
+    Request,
+    Stats,
+    groups_by_input,
+    observe_part,
+    spread,
+    stream_statistics,
+)
 from tests.conftest import capture_tiny
 
 aten = torch.ops.aten
@@ -185,3 +193,10 @@ def test_observe_part_reads_a_groups_input_once_per_batch() -> None:
     stats = observe_part(forward, [Group(("q", "k", "v"))], Request(xtx=True), batches=3)
     assert list(stats) == ["q"] and stats["q"].inputs.count == 3 * 10
     torch.testing.assert_close(stats["q"].inputs.xtx, 3 * (x.reshape(-1, 4).T @ x.reshape(-1, 4)).double())
+
+
+def test_spread_takes_evenly_spaced_batches_first_and_last_included() -> None:
+    batches = [(torch.tensor(i),) for i in range(8)]
+    assert [int(b[0]) for b in spread(batches, 3)] == [0, 4, 7]  # round(3.5) is 4
+    assert [int(b[0]) for b in spread(batches, 1)] == [0]
+    assert spread(batches, 0) == batches and spread(batches, 9) == batches

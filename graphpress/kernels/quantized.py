@@ -32,8 +32,6 @@ Each op has a backward (``register_autograd``): programs that hold them can be t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from graphpress.quant.int8 import quantize_rows_uint8
@@ -72,31 +70,42 @@ def unpack_uint8(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
-                bits: int, group_size: int, unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = unpack_uint8,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight as int8 codes [N, K] and one float32 scale per row r / 127 (r = max |w| of the row), for int8
     products: the codes themselves for 8-bit symmetric weights with one group per row (exact), else
     q = round((code - zero) * scale * 127 / r), the weight requantized symmetric per row (an error ~1/8 of a
-    4-bit step). Written in integer ops where the tensors are [N, K] and in float only where they must be,
-    since a runtime folding it at session start holds every intermediate at once (onnxruntime: ~7 GB for
-    SmolLM2 when this was written in float throughout); ``unpack``: how a lowering spells ``unpack_uint8``."""
+    4-bit step)."""
     n, groups = scales.shape
     if bits == 8 and zeros is None and groups == 1:
         return (qweight[:, :in_features].to(torch.int16) - 128).to(torch.int8), scales[:, 0].float()
-    codes = unpack(qweight, bits, groups * group_size).reshape(n, groups, group_size)
-    zp = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int16) if zeros is None
-          else unpack(zeros, bits, groups).to(torch.int16))  # [N, G]
-    # per group max |code - zero| from the codes' range: no [N, K] float
-    z = zp.float()  # [N, G]: small tensors in float
-    reach = torch.maximum(codes.amax(-1).float() - z, z - codes.amin(-1).float())
-    s = scales.float()
-    r = (s * reach).abs().amax(-1)  # [N]: max |w| of each row (no op on the scales alone: a lowering would
-    # fold it into one more stored copy of them)
-    r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
-    factor = s * (127.0 / r)[:, None]  # [N, G]
+    codes, zp = grouped_codes(qweight, zeros, bits, groups, group_size)
+    factor, r = row_requantization(codes, zp, scales)
     centered = codes.to(torch.int16) - zp[..., None]  # [N, G, g] int16
     q = torch.round(centered.float() * factor[..., None]).to(torch.int8)
     return q.reshape(n, groups * group_size)[:, :in_features], r / 127.0
+
+
+def grouped_codes(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, groups: int, group_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes as uint8 [N, G, g] and the zero points as int16 [N, G] (2^(bits-1) where ``zeros`` is None)."""
+    n = qweight.shape[0]
+    codes = unpack_uint8(qweight, bits, groups * group_size).reshape(n, groups, group_size)
+    zp = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.int16) if zeros is None
+          else unpack_uint8(zeros, bits, groups).to(torch.int16))
+    return codes, zp
+
+
+def row_requantization(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For requantizing grouped weights to int8 per row: each group's factor s * 127 / r [N, G], so that
+    q = round((code - zero) * factor), and each row's max |w| r [N] (1 for an all-zero row). The range of each
+    group comes from its codes' min and max, so nothing [N, K] is made in float."""
+    z = zp.float()  # [N, G]
+    reach = torch.maximum(codes.amax(-1).float() - z, z - codes.amin(-1).float())  # max |code - zero|
+    s = scales.float()
+    r = (s * reach).abs().amax(-1)
+    r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
+    return s * (127.0 / r)[:, None], r
 
 
 def w8a8_product(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
     graphpress::quantized_linear(x, codes, scales, zeros, bias, K, bits, g)
         kernel "nbits"  -> com.microsoft::MatMulNBits(x, codes as [N, K / block, block * bits / 8], scales,
                            zero_points, g_idx="", bias) {K, N, bits, block_size, accuracy_level}
-        kernel "int8"   -> the weight dequantized and requantized to int8 per channel by ops on initializers
-                           (onnxruntime folds them into one int8 [K, N] initializer at session start; the file
-                           keeps the packed codes), then the W8A8 product below
+        kernel "int8"   -> the weight requantized to int8 per channel: the file keeps the codes (regrouped,
+                           ``int8_storage``) with each group's step, and ops on them that onnxruntime folds into
+                           one int8 [K, N] initializer at session start; then the W8A8 product below
     graphpress::quantized_linear(..., activation_bits=8)
         -> r = ReduceMax(Abs(x), -1);  com.microsoft::DynamicQuantizeMatMul(x / r, Q [K, N] int8, w_s) * r (+ bias)
     graphpress::quantized_embedding(codes, scales, zeros, indices, bits, g, H)
@@ -36,8 +36,9 @@ import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.ro
 from graphpress.graph import get_tensor, set_tensor
 from graphpress.kernels.quantized import (
     dequantize,
-    int8_weight,
+    grouped_codes,
     quantized_embedding_reference,
+    row_requantization,
     unpack_codes,
     w8a8_product,
 )
@@ -91,8 +92,9 @@ def _as_blocks(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, grou
     return scales, zeros
 
 
-def _w8a8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Each token scaled to absmax 1, then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
+def _w8a8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times the int8 weight ``w`` [K, N] with row scales ``s`` [N]: each token scaled to absmax 1,
+    then onnxruntime's fused DynamicQuantizeMatMul, then scaled back.
 
     DynamicQuantizeMatMul alone quantizes x per tensor (uint8 asymmetric): one loud token costs every row,
     and on SmolLM2-135M after SmoothQuant the perplexity is 16.93 against 15.07 with per-token scales (fp32
@@ -104,20 +106,128 @@ def _w8a8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor 
     """
     rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
     y = torch.onnx.ops.symbolic(
-        f"{MS}::DynamicQuantizeMatMul", [x / rows, q.T, s], dtype=x.dtype, shape=[*x.shape[:-1], q.shape[0]],
+        f"{MS}::DynamicQuantizeMatMul", [x / rows, w, s], dtype=x.dtype, shape=[*x.shape[:-1], w.shape[1]],
         version=1,
     ) * rows
     return y + bias if bias is not None else y
 
 
-def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """``unpack_uint8`` as uint8 ONNX ops (BitShift, Mul, Sub): the exporter's own bit shift goes through int8."""
-    if bits == 8:
-        return packed[..., :count]
+# The int8 kernel's storage. The file keeps the packed codes (4 bits stay 4 bits) and onnxruntime computes the
+# int8 weight [K, N] from them at session start by constant folding, which keeps every intermediate tensor of
+# the whole graph alive until it is done: its peak is the bytes per weight of the ops below times the number of
+# weights (SmolLM2-135M: 3.2 GB at ~24 bytes per weight for an unpack-requantize chain traced from int8_weight).
+# So the export computes everything that is per group once (the step of each group's requantization, the
+# per-row scale) and stores the codes transposed and grouped, [G, g * bits / 8, N], a 4-bit byte holding
+# columns j and j + g/2 of its group (low, high nibble): unpacking is two byte ops and a Concat, and the rest
+# is one Cast to float16, one Sub of the zero points and one blocked QuantizeLinear (opset 21) with its
+# rounding: ~8 bytes per weight at session start.
+FP16_MAX = 65504.0
+
+
+def int8_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
+                 bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """What the int8 kernel stores for one quantized weight, computed eagerly at export:
+
+        codes  [G, g * bits / 8, N] uint8   transposed per group; 4 bits: column j low nibble, j + g/2 high
+        zeros  [G, 1, N * bits / 8] uint8   the zero points, packed along N (None: symmetric, 2^(bits-1))
+        step   [G, 1, N] float16            each group's step in int8 units of its row: r / (127 s) for a
+                                            row's max |w| r, so that q = round((code - zero) / step)
+        row    [N] float32                  r / 127, the int8 weight's scale per output channel
+    """
+    n, groups = scales.shape
+    codes, zp = grouped_codes(qweight, zeros, bits, groups, group_size)
+    factor, r = row_requantization(codes, zp, scales)
+    # step = 1 / factor; a group whose codes all equal the zero point is 0 at any step: 1/128 keeps it finite
+    # and every other group unchanged (their |step| >= reach / 127 >= 1/127); past float16's range q rounds
+    # to 0 anyway; symmetric scales may be negative, and the step keeps their sign
+    step = (1 / factor.abs()).clamp(1 / 128, FP16_MAX) * torch.where(factor < 0, -1.0, 1.0)
+    grouped = codes.permute(1, 2, 0)  # [G, g, N]
+    if bits == 4:
+        if group_size % 2:  # one group per row of odd K: a padding column, cut after requantization
+            grouped = torch.nn.functional.pad(grouped, (0, 0, 0, 1))
+        half = grouped.shape[1] // 2
+        grouped = grouped[:, :half] | (grouped[:, half:] << 4)
+    stored_zeros = None
+    if zeros is not None:  # [G, 1, N], 4 bits two per byte along N (even n low)
+        stored_zeros = zp.T.to(torch.uint8)[:, None, :]
+        if bits == 4:
+            stored_zeros = torch.nn.functional.pad(stored_zeros, (0, n % 2))
+            stored_zeros = stored_zeros[..., 0::2] | (stored_zeros[..., 1::2] << 4)
+        stored_zeros = stored_zeros.contiguous()
+    return grouped.contiguous(), stored_zeros, step.T.to(torch.float16)[:, None, :].contiguous(), r / 127.0
+
+
+def int8_requantized(codes: torch.Tensor, zeros: torch.Tensor | None, step: torch.Tensor, in_features: int,
+                     bits: int) -> torch.Tensor:
+    """The int8 weight [K, N] that onnxruntime folds from ``int8_storage``: round((code - zero) / step),
+    half to even, the quotient rounded to float16 first (QuantizeLinear divides in its inputs' float16)."""
+    if bits == 4:
+        codes = torch.cat((codes & 15, codes >> 4), dim=1)
+        if zeros is not None:
+            zeros = torch.stack((zeros & 15, zeros >> 4), dim=-1).flatten(-2)[..., : codes.shape[-1]]
+    zero = zeros.to(torch.int16) if zeros is not None else 1 << (bits - 1)
+    quotient = (codes.to(torch.int16) - zero).half() / step
+    q = torch.round(quotient.float()).clamp(-128, 127).to(torch.int8)
+    return q.reshape(-1, q.shape[-1])[:in_features]
+
+
+def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low and high nibbles of uint8 ``packed`` as ONNX's uint8 BitwiseAnd and BitShift."""
+    low = torch.onnx.ops.symbolic("BitwiseAnd", [packed, torch.tensor(15, dtype=torch.uint8)],
+                                  dtype=torch.uint8, shape=packed.shape, version=18)
     high = torch.onnx.ops.symbolic("BitShift", [packed, torch.tensor(4, dtype=torch.uint8)],
                                    attrs={"direction": "RIGHT"}, dtype=torch.uint8, shape=packed.shape, version=11)
-    low = packed - high * torch.tensor(16, dtype=torch.uint8)
-    return torch.stack((low, high), dim=-1).flatten(-2)[..., :count]
+    return low, high
+
+
+def _requantize_ops(codes: torch.Tensor, zeros: torch.Tensor | None, step: torch.Tensor, in_features: int,
+                    bits: int) -> torch.Tensor:
+    """``int8_requantized`` as ONNX ops on the stored initializers (folded by onnxruntime at session start)."""
+    if bits == 4:
+        codes = torch.cat(_nibbles(codes), dim=1)
+        if zeros is not None:
+            zeros = torch.stack(_nibbles(zeros), dim=-1).flatten(-2)[..., : codes.shape[-1]]
+    # the zero point subtracted in int8 (onnxruntime folds no float16 Sub on CPU), exact for codes < 128
+    zero = zeros.to(torch.int8) if zeros is not None else torch.tensor(1 << (bits - 1), dtype=torch.int8)
+    centered = (codes.to(torch.int8) - zero).to(torch.float16)
+    q = torch.onnx.ops.symbolic(
+        "QuantizeLinear", [centered, step],
+        attrs={"axis": 1, "block_size": centered.shape[1], "output_dtype": 3},  # 3: TensorProto.INT8
+        dtype=torch.int8, shape=centered.shape, version=21,
+    )
+    return q.reshape(-1, q.shape[-1])[:in_features]
+
+
+def _int8_store(kernel: str) -> Callable[..., tuple[object, ...] | None]:
+    """The linear rule's storage for the int8 kernel (nothing changed for MatMulNBits): an exact 8-bit
+    symmetric weight with one group per row as its int8 [K, N] itself, or, when a tied table shares its codes,
+    those codes (``_shifted_ops``); any other weight as ``int8_storage``."""
+    def store(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0, *,  # noqa: ANN001, ANN202, E501
+              shared=frozenset()):
+        if not (activation_bits == 8 or kernel == "int8"):
+            return None
+        if bits == 8 and zeros is None and scales.shape[1] == 1:
+            if 1 in shared:
+                return (x, "shared", qweight, None, None, scales[:, 0].float(), bias, in_features, bits)
+            weight = (qweight[:, :in_features].to(torch.int16) - 128).to(torch.int8).T.contiguous()
+            return (x, "int8", weight, None, None, scales[:, 0].float(), bias, in_features, bits)
+        if bits == 4 and group_size % 2 and scales.shape[1] > 1:
+            raise TargetError(f"onnxruntime's int8 kernel cannot store 4-bit groups of an odd {group_size} columns")
+        return (x, "grouped", *int8_storage(qweight, scales, zeros, in_features, bits, group_size), bias,
+                in_features, bits)
+
+    return store
+
+
+def _shifted_ops(codes: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Symmetric 8-bit codes [N, K'] (uint8, zero point 128) as the int8 weight [K, N], in ops onnxruntime folds
+    at session start: QuantizeLinear of the codes in float16 (exact) with step 1 and zero point -128."""
+    q = torch.onnx.ops.symbolic(
+        "QuantizeLinear", [codes.to(torch.float16), torch.tensor(1.0, dtype=torch.float16),
+                           torch.tensor(-128, dtype=torch.int8)],
+        dtype=torch.int8, shape=codes.shape, version=21,
+    )
+    return q[:, :in_features].T
 
 
 def _round_scales(scales: torch.Tensor, fp16: bool) -> torch.Tensor:
@@ -138,9 +248,15 @@ def _fp16_scales(gm: torch.fx.GraphModule) -> None:
 
 
 def _linear_rule(kernel: str, accuracy_level: int) -> Callable[..., torch.Tensor]:
-    def lower(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
-        if activation_bits == 8 or kernel == "int8":
-            return _w8a8(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size, _unpack), bias)
+    def lower(x, *args):  # noqa: ANN001, ANN202
+        if isinstance(args[0], str):  # stored by _int8_store
+            layout, codes, zeros, step, row, bias, in_features, bits = args
+            weight = (codes if layout == "int8" else _shifted_ops(codes, in_features) if layout == "shared"
+                      else _requantize_ops(codes, zeros, step, in_features, bits))
+            return _w8a8(x, weight, row, bias)
+        return _matmul_nbits(x, *args)
+
+    def _matmul_nbits(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
         n, groups = scales.shape
         block = block_size(group_size, in_features, groups, f"a {bits}-bit linear [{n}, {in_features}]")
         scales, zeros = _as_blocks(scales, zeros, bits, group_size, block)
@@ -180,7 +296,12 @@ def _linear_emulation(kernel: str, accuracy_level: int, fp16_scales: bool) -> Ca
     def emulate(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0):  # noqa: ANN001, ANN202, E501
         scales = _round_scales(scales, fp16_scales)
         if activation_bits == 8 or kernel == "int8":
-            y = w8a8_product(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size))
+            stored = _int8_store(kernel)(x, qweight, scales, zeros, bias, in_features, bits, group_size,
+                                         activation_bits)
+            assert stored is not None
+            layout, codes, zeros, step, row = stored[1:6]  # called without shared: "int8" or "grouped"
+            weight = codes if layout == "int8" else int8_requantized(codes, zeros, step, in_features, bits)
+            y = w8a8_product(x, weight.T, row)
             return (y if bias is None else y + bias).to(x.dtype)
         if accuracy_level == 4:
             x = quantize_blocks(x, block_size(group_size, in_features, scales.shape[1], "a linear"))
@@ -240,7 +361,7 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
 
     return RuleTable((
         Rule(LINEAR, _linear_rule(kernel, accuracy_level), check_sqnr_db=linear_floor,
-             emulate=_linear_emulation(kernel, accuracy_level, fp16_scales)),
+             emulate=_linear_emulation(kernel, accuracy_level, fp16_scales), store=_int8_store(kernel)),
         Rule(EMBEDDING, _embedding_rule(), emulate=embedding_emulation),
         Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
     ), prepare=_fp16_scales if fp16_scales else None)

@@ -6,6 +6,10 @@ every matching node of a copy of the program to its rule's function; ``torch.onn
 function, and each ``symbolic`` call becomes exactly one ONNX node. Ops without a rule are exported through
 their decomposition (the reference implementation), which is correct but not packed.
 
+A rule may also choose how the constants it reads are stored (``store``: called once per node, eagerly, on the
+node's constant tensors; what it returns becomes the node's arguments, new tensors new initializers): a layout
+that the runtime unpacks cheaply, values it precomputes once instead of at every session start.
+
 Each rule states the export check's floor for what it emits (``check_sqnr_db``: SQNR in dB of the runtime's
 output against the torch program, a number or a function of the node's arguments): exact lowerings 60 dB,
 lossy ones (int8 activations, lower compute precision) their own. The export is held to the lowest floor of
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+from graphpress.graph import cleanup, delete_tensor, free_target, get_tensor, is_shared, new_get_attr
 
 EXACT_DB = 60.0  # the export check's floor for exact lowerings and plain float programs
 
@@ -42,6 +48,11 @@ class Rule:
     # reference by more than rounding (int8 activations, float16 scales): the export check compares the
     # runtime with the program computing this, and holds it to the floor
     emulate: Callable[..., torch.Tensor] | None = None
+    # how the node's constants are stored: called with the node's arguments (its get_attr constants as
+    # tensors, other inputs as fx nodes) and ``shared``, the indices of constants that other nodes read too
+    # (a tied table: storing it anew would store it twice); returns the arguments ``lower`` then receives
+    # (tensors among them become initializers of the exported copy), or None to keep them
+    store: Callable[..., tuple[object, ...] | None] | None = None
 
     def floor(self, node: fx.Node) -> float:
         f = self.check_sqnr_db
@@ -82,7 +93,7 @@ def emulation(gm: fx.GraphModule, table: RuleTable) -> fx.GraphModule | None:
     if not any(n.op == "call_function" and (r := table.lookup(n.target)) is not None and r.emulate is not None
                for n in gm.graph.nodes):
         return None
-    gm = copy.deepcopy(gm)
+    gm = structural_copy(gm)
     for node in gm.graph.nodes:
         rule = table.lookup(node.target) if node.op == "call_function" else None
         if rule is not None and rule.emulate is not None:
@@ -96,20 +107,71 @@ def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, d
     count of nodes lowered per op and the export check's floor (the lowest of the rules used, else 60 dB)."""
     from graphpress.kernels import REFERENCES
 
-    gm = copy.deepcopy(gm)
+    gm = structural_copy(gm)
     if table.prepare is not None:
         table.prepare(gm)
     counts: dict[str, int] = {}
     floor = EXACT_DB
-    for node in gm.graph.nodes:
+    stored: dict[tuple[object, ...], tuple[object, ...]] = {}
+    for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         rule = table.lookup(node.target)
         if rule is not None:
             counts[str(rule.op)] = counts.get(str(rule.op), 0) + 1
             floor = min(floor, rule.floor(node))
+            if rule.store is not None:
+                _store(gm, node, rule, stored)
             node.target = rule.lower
         elif node.target in REFERENCES:
             node.target = REFERENCES[node.target]
+    if stored:
+        cleanup(gm)  # the constants replaced by stored ones
+        _drop_unread_buffers(gm)
     gm.recompile()
     return gm, counts, floor
+
+
+def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph and module tree can be rewritten without touching ``gm``; its tensors are
+    ``gm``'s own (a deep copy would double a model's memory for an export)."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copied.meta = dict(getattr(gm, "meta", {}))
+    return copied
+
+
+def _store(gm: fx.GraphModule, node: fx.Node, rule: Rule, stored: dict[tuple[object, ...], tuple[object, ...]]
+           ) -> None:
+    """Replace ``node``'s arguments by what ``rule.store`` makes of them (once per distinct set of constants)."""
+    assert rule.store is not None
+    key = tuple(a.target if isinstance(a, fx.Node) and a.op == "get_attr" else
+                a.name if isinstance(a, fx.Node) else repr(a) for a in node.args)
+    if key not in stored:
+        values = [get_tensor(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
+        shared = frozenset(i for i, a in enumerate(node.args)
+                           if isinstance(a, fx.Node) and a.op == "get_attr" and is_shared(gm, a))
+        with torch.no_grad():
+            new = rule.store(*values, shared=shared)
+        if new is None:
+            stored[key] = node.args
+            return
+        args: list[object] = []
+        for i, value in enumerate(new):
+            kept = next((a for a, v in zip(node.args, values, strict=True) if v is value), None)
+            if isinstance(value, torch.Tensor) and kept is not None:  # a constant kept as it is
+                value = kept
+            elif isinstance(value, torch.Tensor):
+                target = free_target(gm, f"_stored.{node.name}_{i}")
+                value = new_get_attr(gm, target, value, node, buffer=True)
+            args.append(value)
+        stored[key] = tuple(args)
+    node.args, node.kwargs = stored[key], {}
+
+
+def _drop_unread_buffers(gm: fx.GraphModule) -> None:
+    """Buffers of the copy that no node reads any more (constants a rule stored anew), so that the export does
+    not carry them too."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            delete_tensor(gm, name)

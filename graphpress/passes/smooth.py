@@ -39,7 +39,7 @@ from graphpress.graph import aten, is_op, last_dim
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, selected_linears
 from graphpress.quant.scaling import awq_search_scales, smoothquant_scales, smoothquant_search_scales
-from graphpress.statistics import Group, GroupStats, Request, Stats, stream_statistics
+from graphpress.statistics import Group, GroupStats, Request, Stats, spread, stream_statistics
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,9 @@ Choose = Callable[[Stats, list[torch.Tensor]], torch.Tensor]
 
 
 def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str, request: Request,
-                 choose: Choose) -> PassResult:
-    """Stream the calibration batches; for each group of selected linears, observe its input (``request``,
-    graphpress.statistics), choose s, apply it.
+                 choose: Choose, max_batches: int = 0) -> PassResult:
+    """Stream the calibration batches (``max_batches`` > 0: that many, spread over them); for each group of
+    selected linears, observe its input (``request``, graphpress.statistics), choose s, apply it.
 
     Every group is observed on the unscaled program: the rewrite is exact, so the stream's own outputs (from
     the forward that observed them) are what the scaled block computes too.
@@ -260,7 +260,8 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
         log.info("%s: %s (%d groups)", name, part.name, len(stats))
 
     observed = [Group(tuple(lin.args[1].target for lin in g)) for g in groups]
-    stream_statistics(gm, ctx.calibration, observed, request, on_stats)
+    batches = spread(ctx.calibration, max_batches)
+    stream_statistics(gm, batches, observed, request, on_stats)
     for group in members.values():  # groups outside the streamed parts: nothing observed
         for lin in group:
             skipped[graph.module_name(lin.args[1].target)] = "not reached by the calibration stream"
@@ -268,7 +269,7 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
     gm.recompile()
     scaled = sum(absorbed.values())
     stats = {"scaled_groups": scaled, "linears": linears, "absorbed": absorbed, "skipped": skipped,
-             "calibration_batches": len(ctx.calibration)}
+             "calibration_batches": len(batches)}
     return PassResult(gm, scaled > 0, stats)
 
 
@@ -314,11 +315,16 @@ class SmoothQuant(Selection, Pass):
     # on calibration rows (graphpress.quant.scaling.smoothquant_search_scales)
     alpha: float | str = 0.5
     max_rows: int = 1024  # activation rows per group that "auto" weighs the error on
+    # calibration batches to observe, spread over the recipe's (0: all): maxima and a bounded sample of rows
+    # need fewer tokens than GPTQ's Hessians, and observing an LLM's head streams the whole model
+    max_batches: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"smoothquant: alpha={self.alpha!r} must lie in [0, 1] or be 'auto'")
+        if isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 0:
+            raise ValueError(f"smoothquant: max_batches={self.max_batches!r} must be a whole number >= 0 (0: all)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         chosen: list[float] = []
@@ -333,7 +339,7 @@ class SmoothQuant(Selection, Pass):
             return s
 
         request = Request(max_abs=True, rows=self.max_rows if auto else 0)
-        result = scale_groups(gm, ctx, self, self.name, request, choose)
+        result = scale_groups(gm, ctx, self, self.name, request, choose, self.max_batches)
         if chosen:
             result.stats["alphas"] = chosen
         return result

@@ -3,6 +3,8 @@ packed, refusals, and per-rule floors of the export check."""
 
 from __future__ import annotations
 
+import math
+
 import onnx
 import pytest
 import torch
@@ -73,18 +75,84 @@ def test_fp16_scales_halve_the_scales_and_stay_above_the_exact_floor(tmp_path) -
     assert result.check["sqnr_db"] > 100 and 60 <= result.check["program_sqnr_db"] < 100
 
 
-@pytest.mark.parametrize("zeros", [False, True])
-def test_int8_kernel_keeps_packed_codes_and_states_its_floor(tmp_path, zeros: bool) -> None:
-    module = _QLinear(QuantSpec(4, 128, not zeros), bias=False)
-    result, model, path = _export(tmp_path, module, 300, kernel="int8")
+@pytest.mark.parametrize(("zeros", "n", "k", "group"), [(False, 64, 300, 128), (True, 64, 300, 128),
+                                                      (True, 63, 301, None), (False, 63, 301, None)])
+def test_int8_kernel_keeps_packed_codes_and_states_its_floor(tmp_path, zeros: bool, n: int, k: int,
+                                                             group: int | None) -> None:
+    module = _QLinear(QuantSpec(4, group, not zeros), n=n, k=k, bias=False)
+    result, model, path = _export(tmp_path, module, k, kernel="int8")
     assert result.lowered == {LINEAR: 1} and result.check["floor_db"] == 20.0
     ops = {n.op_type for n in model.graph.node}
     assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops  # unpacked at session start
-    assert not any(300 in t.dims and t.data_type != onnx.TensorProto.UINT8 for t in model.graph.initializer)
-    x = torch.randn(3, 7, 300) * torch.rand(3, 7, 1) * 5
+    assert not any(k in t.dims and t.data_type != onnx.TensorProto.UINT8 for t in model.graph.initializer)
+    codes = sum(t.dims[0] * t.dims[1] * t.dims[2] for t in model.graph.initializer
+                if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3 and t.dims[2] == n)
+    padded = -(-k // group) * group if group else k + k % 2  # whole groups; an odd K one column more
+    assert codes == padded // 2 * n  # 4 bits per code: the file keeps the codes packed
+    x = torch.randn(3, 7, k) * torch.rand(3, 7, 1) * 5
     out = torch.from_numpy(ort_forward(path)(x))
     assert 30 < sqnr(x @ module.weight().T, out) < 60  # requantized weight, int8 activations: ~38 dB
     assert result.check["sqnr_db"] > 100  # the rule's emulation computes what onnxruntime computes
+
+
+def test_int8_kernel_folds_in_few_bytes_per_weight(tmp_path) -> None:
+    """onnxruntime holds every intermediate of its session-start constant folding until it ends: the int8
+    kernel's ops on a weight must stay few and narrow (~8 bytes per weight; 24 traced from the reference)."""
+    result, model, _ = _export(tmp_path, _QLinear(QuantSpec(4, 128, False), bias=False), 300, kernel="int8")
+    sizes = {onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.FLOAT16: 2,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.FLOAT: 4}
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    per_weight = 0
+    for value in inferred.graph.value_info:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if dims and all(dims) and math.prod(dims) >= 300 * 64:  # [K, N]-sized: a per-weight intermediate
+            per_weight += sizes[value.type.tensor_type.elem_type] * math.prod(dims) / (300 * 64)
+    assert 4 < per_weight <= 10
+
+
+@torch.library.custom_op("graphpress_test::product", mutates_args=())
+def _product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w
+
+
+@_product.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[1]))
+
+
+class _Product(nn.Module):
+    def __init__(self, also_plain: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+        self.also_plain = also_plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.graphpress_test.product(x, self.w)
+        return y + x @ self.w if self.also_plain else y
+
+
+@pytest.mark.parametrize("also_plain", [False, True])
+def test_a_rule_stores_its_constants_anew_and_keeps_shared_ones(tmp_path, also_plain: bool) -> None:
+    """``Rule.store``: what it returns becomes the exported copy's initializers, and the constant it replaced
+    leaves the file; a constant that other nodes read too arrives in ``shared``, and handed back as it is, is
+    stored once. The program itself is left as it was."""
+    seen: list[frozenset[int]] = []
+
+    def store(x, w, *, shared):  # noqa: ANN001, ANN202
+        seen.append(shared)
+        return None if 1 in shared else (x, w * 2)
+
+    rule = Rule(torch.ops.graphpress_test.product.default, lambda x, w: x @ w / 2, store=store)
+    module = _Product(also_plain)
+    program = capture(module, (torch.randn(3, 8),))
+    export_onnx(program, tmp_path / "p.onnx", rules=RuleTable((rule,)) if not also_plain else
+                RuleTable((Rule(rule.op, lambda x, w: x @ w, store=store),)))
+    assert seen == [frozenset({1}) if also_plain else frozenset()]
+    initializers = [t for t in onnx.load(str(tmp_path / "p.onnx")).graph.initializer if list(t.dims) == [8, 8]]
+    assert len(initializers) == 1
+    stored = torch.from_numpy(onnx.numpy_helper.to_array(initializers[0]).copy())
+    assert torch.equal(stored, module.w.detach() * (1 if also_plain else 2))
+    assert torch.equal(dict(program.gm.named_parameters())["w"], module.w)  # untouched
 
 
 def test_activation_bits_8_lowers_to_the_same_codes_onnxruntime_computes(tmp_path) -> None:

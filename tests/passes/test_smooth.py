@@ -287,3 +287,10 @@ def test_smoothquant_auto_alpha_is_exact_and_reports_its_choices(llama: Program)
     assert records[0].error["max_rel"] <= 1e-5
     with pytest.raises(ValueError, match="auto"):
         SmoothQuant(alpha="best")
+
+
+def test_smoothquant_observes_max_batches_spread_over_the_calibration(llama: Program) -> None:
+    _, records = run_pipeline(llama, [SmoothQuant(alpha="auto", max_batches=2)], calibration=calibration(5))
+    assert records[0].stats["calibration_batches"] == 2 and records[0].error["max_rel"] <= 1e-5
+    with pytest.raises(ValueError, match="max_batches=-1 must be a whole number"):
+        SmoothQuant(max_batches=-1)

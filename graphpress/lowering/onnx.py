@@ -74,6 +74,26 @@ def export_onnx(
     """
     path = Path(path)
     rules = rules if rules is not None else onnxruntime_rules()
+    size, lowered, floor = _write(program, path, rules, metadata, opset)  # its copies freed before the check
+    log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
+    result = ExportResult(path, size, lowered, None)
+    if check:
+        # against what the runtime is meant to compute (the rules' emulations) and against the program itself
+        result.check = c = {**check_onnx(program, path, emulated=emulation(program.gm, rules)), "floor_db": floor}
+        ok = c["max_rel"] <= tolerance if tolerance is not None else c["sqnr_db"] >= floor
+        if not ok:
+            bound = f"max rel {tolerance:g}" if tolerance is not None else f"SQNR {floor:g} dB"
+            raise LoweringError(
+                f"onnxruntime disagrees with the torch program of {program.name}: max relative error "
+                f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
+            )
+    return result
+
+
+def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, str] | None, opset: int
+           ) -> tuple[int, dict[str, int], float]:
+    """Export ``program`` to ``path``; the file's size, the nodes lowered per op and the check's floor. Each
+    copy of the weights (the exporter's model, its proto) is dropped as soon as the next one exists."""
     gm, lowered, floor = apply_rules(program.gm, rules)
     try:
         exported = torch.onnx.export(
@@ -103,7 +123,10 @@ def export_onnx(
             f"cannot export {program.name} to ONNX: {hint}. The exporter said: {type(e).__name__}: "
             f"{one_line(e, 300)}"
         ) from e
-    model = compact(exported.model_proto)
+    del gm
+    proto = exported.model_proto
+    del exported  # the exporter's in-memory model: the proto holds the weights now
+    model = compact(proto)
     name_dynamic_dims(model, program)
     for key, value in {"model": program.name, "kind": program.kind, **(metadata or {})}.items():
         entry = model.metadata_props.add()
@@ -112,19 +135,7 @@ def export_onnx(
     large = program.num_bytes() > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data" if large else None)
     size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if large else 0)
-    log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
-    result = ExportResult(path, size, lowered, None)
-    if check:
-        # against what the runtime is meant to compute (the rules' emulations) and against the program itself
-        result.check = c = {**check_onnx(program, path, emulated=emulation(program.gm, rules)), "floor_db": floor}
-        ok = c["max_rel"] <= tolerance if tolerance is not None else c["sqnr_db"] >= floor
-        if not ok:
-            bound = f"max rel {tolerance:g}" if tolerance is not None else f"SQNR {floor:g} dB"
-            raise LoweringError(
-                f"onnxruntime disagrees with the torch program of {program.name}: max relative error "
-                f"{c['max_rel']:.3g}, SQNR {c['sqnr_db']:.1f} dB (bound: {bound}) in {path}"
-            )
-    return result
+    return size, lowered, floor
 
 
 def _cause(e: BaseException, kind: type[BaseException]) -> BaseException | None:

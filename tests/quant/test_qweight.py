@@ -31,7 +31,8 @@ def test_spec_is_frozen_and_counts_groups() -> None:
 
 
 @pytest.mark.parametrize("w, match", [(torch.zeros(0, 64), "empty"), (torch.zeros(4, 0), "empty"),
-                                      (torch.zeros(64), "2-D"), (torch.full((2, 32), torch.nan), "NaN")])
+                                      (torch.zeros(64), "2-D"), (torch.full((2, 32), torch.nan), "NaN"),
+                                      (torch.tensor([[float("inf"), -float("inf")] * 16]), "inf")])
 def test_refuses_bad_weights(w: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         quantize_rtn(w, QuantSpec())
@@ -76,3 +77,8 @@ def test_all_zero_weight_is_exact() -> None:
     for spec in (QuantSpec(4, 32, False), QuantSpec(8, None, True)):
         q = quantize_rtn(torch.zeros(3, 64), spec)
         assert torch.equal(q.dequantize(), torch.zeros(3, 64))
+
+
+def test_a_finite_weight_whose_sum_overflows_is_accepted() -> None:
+    w = torch.full((4, 64), 3e38)  # the sum is inf, every entry finite
+    assert quantize_rtn(w, QuantSpec(8, None, True), clip_search=False).dequantize().isfinite().all()

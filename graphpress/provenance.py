@@ -6,14 +6,15 @@
 
 A piece with a slice says ``T.narrow(dim, start, stop - start)`` holds the whole of ``source``; a piece
 without one says all of T was computed from all of ``source`` with its layout kept (a quantized or rescaled
-copy under a new name). Sources are names as they were when recorded; a source that is itself recorded is
+copy under a new name). ``transposed``: that part of T holds ``source`` with its two dimensions swapped (a
+GPT-2 Conv1D weight [K, N] made a linear's [N, K]). Sources are names as they were when recorded; a source that is itself recorded is
 followed back (``sources_of`` composes the chain), so a tensor quantized from a merged weight points at the
 weights before the merge. The record is plain JSON in ``gm.meta``: ``copy.deepcopy`` and ``Program.clone``
 keep it, ``Program.save`` / ``load`` write it beside the graph, and the runner carries it to a pass's new
 GraphModule.
 
-Who records: every pass that creates a tensor from other tensors under a new name (merge_sibling_linears
-today; quantization passes for ``<module>.qweight`` / ``.scales``). A tensor rewritten in place under its
+Who records: every pass that creates a tensor from other tensors under a new name (merge_sibling_linears,
+linearize_matmuls' transposed copies, quantization passes for ``<module>.qweight`` / ``.scales``). A tensor rewritten in place under its
 own name needs no record. Not representable yet: a tensor that keeps only part of its source (pruning).
 """
 
@@ -40,6 +41,7 @@ class Piece:
     dim: int | None = None
     start: int | None = None
     stop: int | None = None
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         sliced = [v is not None for v in (self.dim, self.start, self.stop)]
@@ -54,7 +56,7 @@ class Piece:
         return self.dim is None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
 
 def record(gm: fx.GraphModule, new_target: str, sources: list[Piece]) -> None:
@@ -115,10 +117,18 @@ def _compose(table: dict[str, list[dict[str, Any]]], target: str, seen: tuple[st
 
 def _within(outer: Piece, inner: Piece, target: str) -> Piece:
     """``inner`` (a piece of outer's source) in the coordinates of the tensor ``outer`` is a piece of."""
-    if outer.whole:
+    flipped = outer.transposed != inner.transposed
+    if outer.whole and not outer.transposed:
         return inner
+    if outer.whole:  # target = source^T: inner's slice moves to the other dimension
+        if inner.whole:
+            return Piece(inner.source, transposed=flipped)
+        return Piece(inner.source, 1 - inner.dim, inner.start, inner.stop, transposed=flipped)  # type: ignore[operator]
     if inner.whole:
-        return Piece(inner.source, outer.dim, outer.start, outer.stop)
+        return Piece(inner.source, outer.dim, outer.start, outer.stop, transposed=flipped)
+    if outer.transposed or inner.transposed:
+        raise ValueError(f"provenance of {target}: {inner.source} is a slice of {outer.source}, which is "
+                         "itself a transposed slice; not supported")
     if inner.dim != outer.dim:
         raise ValueError(f"provenance of {target}: {inner.source} is sliced along dim {inner.dim} inside "
                          f"{outer.source}, which is sliced along dim {outer.dim}; two-dimensional blocks are "
@@ -165,9 +175,8 @@ def restore(gm: fx.GraphModule, table: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def _cut(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
-    if piece.whole:
-        return tensor
-    return tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)  # type: ignore[arg-type, operator]
+    part = tensor if piece.whole else tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)  # type: ignore[arg-type, operator]
+    return part.t() if piece.transposed else part
 
 
 def _lookup(gm: nn.Module, target: str) -> torch.Tensor | None:

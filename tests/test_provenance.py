@@ -148,3 +148,31 @@ def test_quantized_tensors_point_back_at_the_weights_before_the_merge() -> None:
     assert [p.source for p in qkv] == [f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkv"]
     table = sources_of(out.gm, "model.embed_tokens.qweight")
     assert [p.source for p in table] in (["lm_head.weight"], ["model.embed_tokens.weight"])
+
+
+def test_a_transposed_copy_composes_and_unmerges_back() -> None:
+    gm = _module()
+    record(gm, "c.linear_weight", [Piece("c.weight", transposed=True)])  # [N, K] from a Conv1D's [K, N]
+    record(gm, "c.qweight", [Piece("c.linear_weight")])
+    record(gm, "cat.weight", [Piece("c.linear_weight", 1, 0, 4)])
+    assert sources_of(gm, "c.qweight") == [Piece("c.weight", transposed=True)]
+    assert sources_of(gm, "cat.weight") == [Piece("c.weight", 1, 0, 4, transposed=True)]
+    record(gm, "d.t", [Piece("d.w", 0, 2, 5)])  # a slice of d.w, then transposed whole
+    record(gm, "d.tt", [Piece("d.t", transposed=True)])
+    assert sources_of(gm, "d.tt") == [Piece("d.w", 1, 2, 5, transposed=True)]
+    assert gm.meta[KEY]["c.linear_weight"] == [{"source": "c.weight", "transposed": True}]
+
+
+def test_gpt2_conv1d_weights_made_linear_unmerge_to_the_originals() -> None:
+    from graphpress.capture import capture
+    from graphpress.passes.linearize import LinearizeMatmuls
+    from tests.hf_tiny import tiny_model
+
+    model = tiny_model("gpt2")
+    program = capture(model, {"input_ids": torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))})
+    before = {n: t.detach().clone() for n, t in program.gm.named_parameters()}
+    out, records = run_pipeline(program, [LinearizeMatmuls()])
+    assert records[0].stats["linearized"] >= 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    back = unmerge(out)
+    conv = [n for n in before if n.endswith(("c_attn.weight", "c_fc.weight"))]
+    assert conv and all(torch.equal(back[n], before[n]) for n in conv)

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
+from graphpress import provenance
 from graphpress.graph import cleanup, free_target, get_tensor, is_op, is_shared, module_name, new_get_attr
 from graphpress.passes.base import Pass, PassContext, PassResult
 
@@ -47,6 +48,7 @@ class LinearizeMatmuls(Pass):
             else:
                 target = free_target(gm, f"{module_name(weight.target)}.linear_weight")
                 new_w = new_get_attr(gm, target, wt, node)
+                provenance.record(gm, target, [provenance.Piece(weight.target, transposed=True)])
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(aten.linear.default, (x, new_w) + ((bias,) if bias is not None else ()))
             new.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}

@@ -187,9 +187,11 @@ def _requantize_ops(codes: torch.Tensor, zeros: torch.Tensor | None, step: torch
         codes = torch.cat(_nibbles(codes), dim=1)
         if zeros is not None:
             zeros = torch.stack(_nibbles(zeros), dim=-1).flatten(-2)[..., : codes.shape[-1]]
-    # the zero point subtracted in int8 (onnxruntime folds no float16 Sub on CPU), exact for codes < 128
-    zero = zeros.to(torch.int8) if zeros is not None else torch.tensor(1 << (bits - 1), dtype=torch.int8)
-    centered = (codes.to(torch.int8) - zero).to(torch.float16)
+    # the zero point subtracted in integers (onnxruntime folds no float16 Sub on CPU): int8 holds 4-bit codes,
+    # 8-bit ones (up to 255) need int16
+    wide = torch.int8 if bits == 4 else torch.int16
+    zero = zeros.to(wide) if zeros is not None else torch.tensor(1 << (bits - 1), dtype=wide)
+    centered = (codes.to(wide) - zero).to(torch.float16)
     q = torch.onnx.ops.symbolic(
         "QuantizeLinear", [centered, step],
         attrs={"axis": 1, "block_size": centered.shape[1], "output_dtype": 3},  # 3: TensorProto.INT8

@@ -69,6 +69,9 @@ class PassRecord:
         return asdict(self)
 
 
+RELEASE_BYTES = 64_000_000  # programs above this size hand freed heap back after every pass
+
+
 def run_pipeline(
     program: Program,
     passes: Sequence[Pass],
@@ -107,7 +110,6 @@ def run_pipeline(
         except Exception as e:
             raise PipelineError(f"pass {p.name} failed on {program.name} (after {_list(done)}): {e}") from e
         seconds = time.perf_counter() - start
-        release_memory()  # what the pass freed, before the next one allocates
         if result.gm is not program.gm and provenance.KEY not in result.gm.meta:
             provenance.restore(result.gm, provenance.to_json(program.gm))  # a new GraphModule starts bare
         program.gm = result.gm
@@ -125,6 +127,8 @@ def run_pipeline(
             stats=result.stats,
         )
         records.append(record)
+        if record.bytes_after > RELEASE_BYTES:
+            release_memory()  # what the pass freed, before the next one allocates (~0.2 s: not for tiny models)
         brief = {k: (len(v) if isinstance(v, dict) else v) for k, v in result.stats.items()}
         log.info("%s: %.2fs, modified=%s, %s", p.name, seconds, result.modified, brief)
         if result.modified:

@@ -112,7 +112,7 @@ def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, d
         table.prepare(gm)
     counts: dict[str, int] = {}
     floor = EXACT_DB
-    stored: dict[tuple[object, ...], tuple[object, ...]] = {}
+    stored = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -121,7 +121,7 @@ def apply_rules(gm: fx.GraphModule, table: RuleTable) -> tuple[fx.GraphModule, d
             counts[str(rule.op)] = counts.get(str(rule.op), 0) + 1
             floor = min(floor, rule.floor(node))
             if rule.store is not None:
-                _store(gm, node, rule, stored)
+                stored = _store(gm, node, rule) or stored
             node.target = rule.lower
         elif node.target in REFERENCES:
             node.target = REFERENCES[node.target]
@@ -140,32 +140,26 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
-def _store(gm: fx.GraphModule, node: fx.Node, rule: Rule, stored: dict[tuple[object, ...], tuple[object, ...]]
-           ) -> None:
-    """Replace ``node``'s arguments by what ``rule.store`` makes of them (once per distinct set of constants)."""
+def _store(gm: fx.GraphModule, node: fx.Node, rule: Rule) -> bool:
+    """Replace ``node``'s arguments by what ``rule.store`` makes of them; whether it changed any."""
     assert rule.store is not None
-    key = tuple(a.target if isinstance(a, fx.Node) and a.op == "get_attr" else
-                a.name if isinstance(a, fx.Node) else repr(a) for a in node.args)
-    if key not in stored:
-        values = [get_tensor(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
-        shared = frozenset(i for i, a in enumerate(node.args)
-                           if isinstance(a, fx.Node) and a.op == "get_attr" and is_shared(gm, a))
-        with torch.no_grad():
-            new = rule.store(*values, shared=shared)
-        if new is None:
-            stored[key] = node.args
-            return
-        args: list[object] = []
-        for i, value in enumerate(new):
-            kept = next((a for a, v in zip(node.args, values, strict=True) if v is value), None)
-            if isinstance(value, torch.Tensor) and kept is not None:  # a constant kept as it is
-                value = kept
-            elif isinstance(value, torch.Tensor):
-                target = free_target(gm, f"_stored.{node.name}_{i}")
-                value = new_get_attr(gm, target, value, node, buffer=True)
-            args.append(value)
-        stored[key] = tuple(args)
-    node.args, node.kwargs = stored[key], {}
+    values = [get_tensor(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
+    shared = frozenset(i for i, a in enumerate(node.args)
+                       if isinstance(a, fx.Node) and a.op == "get_attr" and is_shared(gm, a))
+    with torch.no_grad():
+        new = rule.store(*values, shared=shared)
+    if new is None:
+        return False
+    args: list[object] = []
+    for i, value in enumerate(new):
+        kept = next((a for a, v in zip(node.args, values, strict=True) if v is value), None)
+        if isinstance(value, torch.Tensor) and kept is not None:  # a constant handed back as it is
+            value = kept
+        elif isinstance(value, torch.Tensor):
+            value = new_get_attr(gm, free_target(gm, f"_stored.{node.name}_{i}"), value, node, buffer=True)
+        args.append(value)
+    node.args, node.kwargs = tuple(args), {}
+    return True
 
 
 def _drop_unread_buffers(gm: fx.GraphModule) -> None:

@@ -242,8 +242,11 @@ def test_pass_class_instead_of_instance_is_named() -> None:
 
 def _run_until(argv: list[str], cwd: Path, ready: Callable[[], bool], sig: int) -> subprocess.CompletedProcess[str]:
     """Start the CLI, send ``sig`` once ``ready()`` holds, and wait for it to end."""
+    # a shell's background job ignores SIGINT and its children inherit that (Python then installs no
+    # KeyboardInterrupt handler): the child gets the default disposition whatever ran pytest
     proc = subprocess.Popen([sys.executable, "-m", "graphpress.cli", *argv], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -276,6 +276,11 @@ def scale_groups(gm: fx.GraphModule, ctx: PassContext, cfg: Selection, name: str
 # --- passes ----------------------------------------------------------------------------------------------
 
 
+def _check_max_batches(name: str, n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name}: max_batches={n!r} must be a whole number >= 0 (0: all)")
+
+
 @dataclass(frozen=True)
 class AWQ(WeightOnlyConfig):
     """Activation-aware scales for a later weight-only quantization (rtn, gptq) of the same bits / group_size."""
@@ -288,11 +293,15 @@ class AWQ(WeightOnlyConfig):
     # 8: weigh the error of the product with activations rounded to 8 bits per token (weights requantized to
     # int8 per channel), for targets that multiply W4 weights that way (W4A8)
     activation_bits: int = 0
+    # calibration batches to observe, spread over the recipe's (0: all): the search weighs max_rows rows,
+    # which a few batches already hold
+    max_batches: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.grid < 1 or self.max_rows < 1:
             raise ValueError(f"awq: grid ({self.grid}) and max_rows ({self.max_rows}) must be >= 1")
+        _check_max_batches(self.name, self.max_batches)
         if self.activation_bits not in (0, 8):
             raise ValueError(f"awq: activation_bits is 0 (float) or 8, not {self.activation_bits}")
 
@@ -301,7 +310,7 @@ class AWQ(WeightOnlyConfig):
             return awq_search_scales(x.rows, weights, self.spec, self.grid, max_rows=self.max_rows,
                                      int8_compute=self.activation_bits == 8)
 
-        return scale_groups(gm, ctx, self, self.name, Request(rows=self.max_rows), choose)
+        return scale_groups(gm, ctx, self, self.name, Request(rows=self.max_rows), choose, self.max_batches)
 
 
 @dataclass(frozen=True)
@@ -323,8 +332,7 @@ class SmoothQuant(Selection, Pass):
         super().__post_init__()
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"smoothquant: alpha={self.alpha!r} must lie in [0, 1] or be 'auto'")
-        if isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 0:
-            raise ValueError(f"smoothquant: max_batches={self.max_batches!r} must be a whole number >= 0 (0: all)")
+        _check_max_batches(self.name, self.max_batches)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         chosen: list[float] = []

@@ -289,8 +289,11 @@ def test_smoothquant_auto_alpha_is_exact_and_reports_its_choices(llama: Program)
         SmoothQuant(alpha="best")
 
 
-def test_smoothquant_observes_max_batches_spread_over_the_calibration(llama: Program) -> None:
-    _, records = run_pipeline(llama, [SmoothQuant(alpha="auto", max_batches=2)], calibration=calibration(5))
+@pytest.mark.parametrize("make", [lambda n: SmoothQuant(alpha="auto", max_batches=n),
+                                  lambda n: AWQ(bits=4, group_size=16, max_batches=n)], ids=["smoothquant", "awq"])
+def test_scaling_observes_max_batches_spread_over_the_calibration(llama: Program, make) -> None:  # noqa: ANN001
+    _, records = run_pipeline(llama, [make(2)], calibration=calibration(5))
     assert records[0].stats["calibration_batches"] == 2 and records[0].error["max_rel"] <= 1e-5
-    with pytest.raises(ValueError, match="max_batches=-1 must be a whole number"):
-        SmoothQuant(max_batches=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"max_batches={bad!r} must be a whole number"):
+            make(bad)

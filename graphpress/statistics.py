@@ -12,7 +12,7 @@ One API for every pass that calibrates on activations (GPTQ, AWQ, SmoothQuant; p
 
 Statistics of x over the T rows (tokens) of every batch, x_t [K] one row:
     count      T
-    xtx        sum_t x_t^T x_t          [K, K] float64: each batch's product in float32 (BLAS; float64 for float64
+    xtx        sum_t x_t^T x_t          [K, K] float64: each batch's product in float32 (BLAS syrk; float64 for float64
                                         x), summed across batches in float64, so the sum does not drift with the
                                         number of batches (a float64 product costs 2.2x on this CPU: ~75 s more
                                         GPTQ on SmolLM2 with 32 windows)
@@ -103,12 +103,22 @@ class Stats:
         if request.xtx:
             if self.xtx is None:
                 self.xtx = torch.zeros(self.features, self.features, dtype=torch.float64, device=x.device)
-            self.xtx += (xf.T @ xf).double()
+            self.xtx += gram(xf).double()
         if request.mean_abs:
             s = xf.abs().sum(0, dtype=torch.float64)
             self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         if request.rows:
             self.row_chunks.append(subsample_rows(xf, rows_per_batch))
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x [K, K] of rows x [T, K], in x's dtype. On the CPU through NumPy, whose BLAS call for a matrix
+    times its own transpose is a symmetric rank-k update: half the multiplications of torch's general
+    matmul (0.13 s against 0.27 s for 4096 x 1536 on the 2-core machine)."""
+    if x.device.type != "cpu":
+        return x.T @ x
+    xn = x.numpy()
+    return torch.from_numpy(xn.T @ xn)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from graphpress.statistics import (
     Group,
     Request,
     Stats,
+    gram,
     groups_by_input,
     observe_part,
     spread,
@@ -75,6 +76,14 @@ def test_stats_match_the_full_batch_in_float64() -> None:
     for c in chunks:
         f32.update(c.float(), Request(xtx=True), 0)
     assert (f32.xtx - full.T @ full).norm() / (full.T @ full).norm() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_is_the_symmetric_product_for_strided_rows(dtype: torch.dtype) -> None:
+    x = torch.randn(40, 300, generator=torch.Generator().manual_seed(1), dtype=dtype)[:, ::3]  # [40, 100] strided
+    g = gram(x)
+    assert g.dtype == dtype and torch.equal(g, g.T)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_xtx_accumulates_across_batches_in_float64() -> None:

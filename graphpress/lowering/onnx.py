@@ -111,6 +111,8 @@ def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, s
         # rotary patterns into a RotaryEmbedding that fails for a batch of more than one row (cos/sin of
         # batch 1); graphpress fuses norms and rotaries itself, checked (passes/fuse.py)
         fold_and_clean(exported.model)
+        if rules.finish is not None:
+            rules.finish(exported.model)
     except Exception as e:  # the exporter raises many types; name the model, the op and what to try
         refusal = _cause(e, TargetError)
         if refusal is not None:
@@ -174,11 +176,14 @@ def fold_and_clean(model: onnx_ir.Model, iterations: int = 2) -> None:
         cleanup(model)
 
 
+_PACKED = (onnx_ir.DataType.UINT8, onnx_ir.DataType.INT8)
+
+
 def _keep_packed(node: onnx_ir.Node) -> bool | None:
-    """Constant folding must not unpack packed integers (uint8 codes, zero points) into a larger initializer:
-    a node reading a constant uint8 tensor is left for onnxruntime to fold at session start."""
+    """Constant folding must not unpack packed integers (uint8 / int8 codes, zero points) into a larger
+    initializer: a node reading a constant 8-bit integer tensor is left for the runtime."""
     for value in node.inputs:
-        if value is not None and value.const_value is not None and value.dtype == onnx_ir.DataType.UINT8:
+        if value is not None and value.const_value is not None and value.dtype in _PACKED:
             return False
     return None
 

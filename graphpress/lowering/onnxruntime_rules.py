@@ -336,7 +336,7 @@ def _embedding_rule() -> Callable[..., torch.Tensor]:
     return lower
 
 
-def _rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
+def rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
     """ONNX RotaryEmbedding (opset 23) reads cos/sin as [B, S, D/2]: fuse_rotary checked that the halves repeat."""
     half = x.shape[-1] // 2
     cos, sin = (t[:, 0, :, :half].expand(x.shape[0], -1, -1) for t in (cos, sin))
@@ -365,5 +365,5 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
         Rule(LINEAR, _linear_rule(kernel, accuracy_level), check_sqnr_db=linear_floor,
              emulate=_linear_emulation(kernel, accuracy_level, fp16_scales), store=_int8_store(kernel)),
         Rule(EMBEDDING, _embedding_rule(), emulate=embedding_emulation),
-        Rule(torch.ops.graphpress.rotary_embedding.default, _rotary_rule, target="onnx"),
+        Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"),
     ), prepare=_fp16_scales if fp16_scales else None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -65,6 +66,9 @@ class RuleTable:
     # rewrites the copy of the program about to be exported, before the rules (a target's storage choices for
     # initializers, e.g. scales rounded to float16 values so that the file stores them in half the bytes)
     prepare: Callable[[fx.GraphModule], None] | None = None
+    # rewrites the exported ONNX model (onnx_ir) after constant folding, before it is saved: storage choices
+    # that only ONNX can express (4-bit initializers)
+    finish: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         ops = [r.op for r in self.rules]
@@ -74,17 +78,25 @@ class RuleTable:
 
     def __add__(self, other: RuleTable | Iterable[Rule]) -> RuleTable:
         if not isinstance(other, RuleTable):
-            return RuleTable(self.rules + tuple(other), self.prepare)
-        steps = [p for p in (self.prepare, other.prepare) if p is not None]
-
-        def prepare(gm: fx.GraphModule) -> None:
-            for step in steps:
-                step(gm)
-
-        return RuleTable(self.rules + other.rules, prepare if steps else None)
+            return RuleTable(self.rules + tuple(other), self.prepare, self.finish)
+        return RuleTable(self.rules + other.rules, _chain(self.prepare, other.prepare),
+                         _chain(self.finish, other.finish))
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)
+
+
+def _chain(*steps: Callable[[Any], None] | None) -> Callable[[Any], None] | None:
+    """One step running ``steps`` in turn (None when there are none)."""
+    todo = [s for s in steps if s is not None]
+    if len(todo) <= 1:
+        return todo[0] if todo else None
+
+    def run(target: Any) -> None:
+        for step in todo:
+            step(target)
+
+    return run
 
 
 def emulation(gm: fx.GraphModule, table: RuleTable) -> fx.GraphModule | None:

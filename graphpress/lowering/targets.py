@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
+from graphpress.lowering.qdq_rules import qdq_rules
 from graphpress.lowering.rules import RuleTable, TargetError
 
 DEFAULT_TARGET = "onnxruntime"
-TARGETS: dict[str, Callable[..., RuleTable]] = {"onnxruntime": onnxruntime_rules}
+TARGETS: dict[str, Callable[..., RuleTable]] = {"onnxruntime": onnxruntime_rules, "onnx-qdq": qdq_rules}
 
 
 def register_target(name: str, rules: Callable[..., RuleTable]) -> Callable[..., RuleTable]:

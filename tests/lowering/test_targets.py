@@ -15,7 +15,7 @@ def test_options_reach_the_rule_table() -> None:
 
 
 @pytest.mark.parametrize(("name", "options", "message"), [
-    ("tensorrt", {}, "unknown target 'tensorrt' \\(known: onnxruntime\\)"),
+    ("tensorrt", {}, "unknown target 'tensorrt' \\(known: onnx-qdq, onnxruntime\\)"),
     ("onnxruntime", {"kernal": "int8"}, "target onnxruntime has no option 'kernal' \\(options: kernel, "),
     ("onnxruntime", {"kernel": "int4"}, "kernel must be one of nbits, int8, not 'int4'"),
     ("onnxruntime", {"fp16_scales": "yes"}, "fp16_scales must be true or false"),

@@ -8,12 +8,12 @@ quantized models as DequantizeLinear / QuantizeLinear around float ops (OpenVINO
            W stores the codes: asymmetric as unsigned with their zero points, symmetric as signed without;
            4-bit ones as INT4 / UINT4 initializers (``narrow_initializers``: two codes a byte in the file)
     graphpress::quantized_linear(..., activation_bits=8)
-        -> x rounded per token first: DequantizeLinear(QuantizeLinear(x, s), s), s = max|x_row| / 127
-           (blocked along the last axis, one block per row), a Q/DQ pair a compiler turns into an int8 product
+        -> x rounded per token first: r * DequantizeLinear(QuantizeLinear(x / r, 1/127), 1/127), r = max|x_row|,
+           a Q/DQ pair with a constant scale that a compiler turns into an int8 product
     graphpress::quantized_embedding(codes, scales, zeros, ids, bits, g, H)
-        -> DequantizeLinear(Gather(W [V, H], ids), Gather(scale, ids), Gather(zero, ids))  (blocked, last axis)
+        -> Gather(DequantizeLinear(W [V, H], scale, zero), ids)   per row (axis 0) or blocked along H (axis 1)
     a head tied to the embedding: MatMul(x, Transpose(DequantizeLinear(W, scale [V], zero [V], axis 0))),
-        reading the table's own initializer (stored once; 8-bit tables: a 4-bit one is refused)
+        the same DequantizeLinear of the table's own initializer (stored once; 8-bit tables: 4-bit is refused)
     graphpress::rotary_embedding -> RotaryEmbedding (opset 23)
 
 Weight-only products are exact up to float rounding in a runtime that dequantizes; onnxruntime fuses
@@ -46,13 +46,15 @@ def _dq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, axi
 
 
 def _rows_qdq(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] rounded to int8 per row (symmetric, scale max|row| / 127) as a QuantizeLinear and
-    DequantizeLinear pair, blocked along the last axis with one block per row."""
-    k = x.shape[-1]
-    s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=TINY)  # [..., 1]
-    q = torch.onnx.ops.symbolic("QuantizeLinear", [x, s], attrs={"axis": -1, "block_size": k, "output_dtype": INT8},
-                                dtype=torch.int8, shape=x.shape, version=21)
-    return _dq(q, s, None, -1, k, x.dtype)
+    """x [..., K] rounded to int8 per row (symmetric, step max|row| / 127): each row divided by its max, then a
+    QuantizeLinear / DequantizeLinear pair with the constant step 1/127, then multiplied back. A per-tensor
+    pair with a constant scale is the form every compiler reads on a dynamic input (OpenVINO refuses blocked
+    DequantizeLinear on one), and per row costs no more than per tensor."""
+    rows = x.abs().amax(-1, keepdim=True).clamp(min=TINY)  # [..., 1]
+    step, zero = torch.tensor(1 / 127, dtype=x.dtype), torch.tensor(0, dtype=torch.int8)
+    q = torch.onnx.ops.symbolic("QuantizeLinear", [x / rows, step, zero], dtype=torch.int8, shape=x.shape,
+                                version=21)
+    return _dq(q, step, zero, 1, dtype=x.dtype) * rows
 
 
 def _row_zeros(zeros: torch.Tensor | None, bits: int, rows: int) -> torch.Tensor:
@@ -118,10 +120,13 @@ def _embedding_store(qweight, scales, zeros, indices, bits, group_size, hidden, 
 
 
 def _embedding_lower(codes, scales, zp, indices, hidden, block):  # noqa: ANN001, ANN202
+    """Gather from the dequantized table: DequantizeLinear on a constant, the form compilers keep compressed
+    (OpenVINO refuses a blocked one on the gathered, dynamic rows)."""
     if codes.shape[1] != hidden:  # a shared 8-bit table padded past H
         codes = codes[:, :hidden]
-    rows, s, z = (torch.nn.functional.embedding(indices, t) for t in (codes, scales, zp))
-    return _dq(rows, s, z, -1, block, scales.dtype)
+    table = _dq(codes, scales[:, 0], zp[:, 0], 0, dtype=scales.dtype) if scales.shape[1] == 1 else \
+        _dq(codes, scales, zp, 1, block, scales.dtype)
+    return torch.nn.functional.embedding(indices, table)
 
 
 def narrow_initializers(model: onnx_ir.Model) -> None:

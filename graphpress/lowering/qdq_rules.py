@@ -3,7 +3,8 @@ quantized models as DequantizeLinear / QuantizeLinear around float ops (OpenVINO
 
     graphpress::quantized_linear(x, codes, scales, zeros, bias, K, bits, g)
         -> MatMul(x, DequantizeLinear(W [K, N], scale, zero)) (+ bias)          opset 21 DequantizeLinear
-           groups of g columns: blocked along K (axis 0, block_size g, scale and zero [K/g, N]);
+           groups of g columns: blocked along K (axis 0, block_size g, scale and zero [K/g, N]), K padded
+           to whole blocks (zero codes, x padded with zeros: OpenVINO refuses a partial last block);
            one group per row: per output channel (axis 1, scale and zero [N])
            W stores the codes: asymmetric as unsigned with their zero points, symmetric as signed without;
            4-bit ones as INT4 / UINT4 initializers (``narrow_initializers``: two codes a byte in the file)
@@ -85,6 +86,8 @@ def _linear_store(x, qweight, scales, zeros, bias, in_features, bits, group_size
     if groups == 1:
         return (x, "axis", codes.T.contiguous(), scales[:, 0].contiguous(), None if zp is None else zp[:, 0].contiguous(),
                 bias, activation_bits, 0)
+    # K padded to whole blocks with zero codes (OpenVINO refuses a partial last block); x is padded to match
+    codes = torch.nn.functional.pad(codes, (0, groups * group_size - in_features))
     return (x, "blocked", codes.T.contiguous(), scales.T.contiguous(), None if zp is None else zp.T.contiguous(),
             bias, activation_bits, group_size)
 
@@ -95,6 +98,8 @@ def _linear_lower(x, layout, codes, scale, zero, bias, activation_bits, block): 
     if layout == "tied":
         y = torch.matmul(x, _dq(codes, scale, zero, 0, dtype=x.dtype).T)
     else:
+        if codes.shape[0] > x.shape[-1]:  # whole blocks: x's extra columns are zeros
+            x = torch.nn.functional.pad(x, (0, codes.shape[0] - x.shape[-1]))
         y = torch.matmul(x, _dq(codes, scale, zero, 0 if layout == "blocked" else 1, block, x.dtype))
     return y + bias if bias is not None else y
 

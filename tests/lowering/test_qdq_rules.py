@@ -17,6 +17,7 @@ from graphpress.lowering.qdq_rules import narrow_initializers
 from graphpress.lowering.rules import TargetError
 from graphpress.lowering.targets import target_rules
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
+from graphpress.passes.weight_only import QuantizeRTN
 from graphpress.recipes import load_recipe
 from graphpress.runner import run_pipeline
 from tests.conftest import capture_tiny
@@ -47,6 +48,16 @@ def test_named_recipes_lower_to_standard_onnx(arch: str, recipe: str, tmp_path: 
     if recipe == "w8a8-smoothquant":  # activations rounded per token by a Q/DQ pair in front of each product
         assert ops["QuantizeLinear"] == linears
         assert types[TensorProto.INT8] >= linears  # symmetric weights: signed codes, no zero point
+
+
+def test_a_partial_last_block_is_padded_to_a_whole_one(tmp_path: Path) -> None:
+    # K = 64 in groups of 48: one whole block and one of 16 columns, which OpenVINO refuses
+    out, _ = run_pipeline(capture_tiny("llama"), [QuantizeRTN(bits=4, group_size=48)])
+    export_onnx(out, tmp_path / "m.onnx", rules=target_rules("onnx-qdq"))  # agrees with the program
+    model = onnx.load(tmp_path / "m.onnx")
+    dq = {i.name: list(i.dims) for i in model.graph.initializer if i.data_type == TensorProto.UINT4}
+    assert dq and all(dims[0] % 48 == 0 for dims in dq.values() if dims[0] > 2)  # codes [K', N], zeros [G, N]
+    assert any(n.op_type == "Pad" for n in model.graph.node)
 
 
 def test_a_4_bit_table_shared_with_the_head_is_refused() -> None:

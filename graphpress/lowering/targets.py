@@ -48,7 +48,8 @@ def target_rules(name: str = DEFAULT_TARGET, options: Mapping[str, Any] | None =
     allowed = target_options(name)
     for key in options or {}:
         if key not in allowed:
-            raise TargetError(f"target {name} has no option {key!r} (options: {', '.join(allowed)})")
+            known = f"options: {', '.join(allowed)}" if allowed else "it takes none"
+            raise TargetError(f"target {name} has no option {key!r} ({known})")
     try:
         return factory(**(options or {}))
     except TargetError:

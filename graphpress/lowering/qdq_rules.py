@@ -34,8 +34,6 @@ from graphpress.lowering.onnxruntime_rules import EMBEDDING, INT8_ACTIVATIONS_DB
 from graphpress.lowering.rules import Rule, RuleTable, TargetError
 from graphpress.quant.int8 import TINY, fake_quantize_rows
 
-INT8 = 3  # TensorProto.INT8, QuantizeLinear's output_dtype
-
 
 def _dq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, axis: int, block: int = 0,
         dtype: torch.dtype = torch.float32) -> torch.Tensor:

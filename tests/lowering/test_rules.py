@@ -226,3 +226,15 @@ def test_table_refuses_two_rules_for_one_op_and_bad_options() -> None:
         onnxruntime_rules(accuracy_level=7)
     with pytest.raises(TargetError, match="kernel must be one of nbits, int8"):
         onnxruntime_rules(kernel="fp8")
+
+
+def test_tables_compose_their_prepare_and_finish_steps_in_order() -> None:
+    seen: list[str] = []
+    first = RuleTable(prepare=lambda gm: seen.append("prepare 1"), finish=lambda m: seen.append("finish 1"))
+    second = RuleTable(finish=lambda m: seen.append("finish 2"))
+    both = first + second
+    assert both.prepare is first.prepare  # one step stays itself
+    both.prepare(None)
+    both.finish(None)
+    assert seen == ["prepare 1", "finish 1", "finish 2"]
+    assert (first + []).finish is first.finish and (second + RuleTable()).prepare is None

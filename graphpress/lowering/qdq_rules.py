@@ -56,11 +56,11 @@ def _rows_qdq(x: torch.Tensor) -> torch.Tensor:
     return _dq(q, step, zero, 1, dtype=x.dtype) * rows
 
 
-def _row_zeros(zeros: torch.Tensor | None, bits: int, rows: int) -> torch.Tensor:
-    """The zero point of each row of a table with one group per row, uint8 [rows]."""
+def _zero_points(zeros: torch.Tensor | None, bits: int, rows: int, groups: int) -> torch.Tensor:
+    """Each group's zero point, uint8 [rows, groups] (2^(bits-1) for symmetric codes)."""
     if zeros is None:
-        return torch.full((rows,), 1 << (bits - 1), dtype=torch.uint8)
-    return unpack_uint8(zeros, bits, 1)[:, 0].contiguous()
+        return torch.full((rows, groups), 1 << (bits - 1), dtype=torch.uint8)
+    return unpack_uint8(zeros, bits, groups).contiguous()
 
 
 def _linear_store(x, qweight, scales, zeros, bias, in_features, bits, group_size, activation_bits=0, *,  # noqa: ANN001, ANN202, E501
@@ -74,7 +74,8 @@ def _linear_store(x, qweight, scales, zeros, bias, in_features, bits, group_size
                               f"it can only do for 8 bits with one group per row (this one: {bits} bits, "
                               f"{groups} groups): quantize the embedding with bits 8, group_size null")
         codes = qweight if qweight.shape[1] == in_features else qweight[:, :in_features]
-        return (x, "tied", codes, scales[:, 0].contiguous(), _row_zeros(zeros, bits, n), bias, activation_bits, 0)
+        return (x, "tied", codes, scales[:, 0].contiguous(), _zero_points(zeros, bits, n, 1)[:, 0], bias,
+                activation_bits, 0)
     codes = unpack_uint8(qweight, bits, groups * group_size)[:, :in_features]  # [N, K] uint8
     zp = None
     if zeros is None:  # symmetric: the codes centred on 2^(bits-1) become signed ones, zero point 0
@@ -117,9 +118,8 @@ def _embedding_store(qweight, scales, zeros, indices, bits, group_size, hidden, 
         raise TargetError(f"onnx-qdq cannot share a {bits}-bit table between the embedding and the head: "
                           "quantize the embedding with bits 8")
     codes = qweight if 0 in shared else unpack_uint8(qweight, bits, groups * group_size)[:, :hidden].contiguous()
-    zp = (torch.full((v, groups), 1 << (bits - 1), dtype=torch.uint8) if zeros is None
-          else unpack_uint8(zeros, bits, groups).contiguous())
-    return (codes, scales, zp, indices, hidden, group_size if groups > 1 else hidden)
+    return (codes, scales, _zero_points(zeros, bits, v, groups), indices, hidden,
+            group_size if groups > 1 else hidden)
 
 
 def _embedding_lower(codes, scales, zp, indices, hidden, block):  # noqa: ANN001, ANN202

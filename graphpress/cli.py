@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the uncompressed model (name or directory) when the one recorded in the ONNX file "
                         "is not there any more")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    e.add_argument("--text", choices=("protocol", "heldout"), default="protocol",
+                   help="the protocol's text, or the held-out news text (needs `pip install --no-deps "
+                        "gensim==4.4.0`)")
     e.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
     e.set_defaults(func=_eval)
     return p
@@ -182,14 +185,16 @@ def _eval(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"{target}: evaluation needs text, and no tokenizer was found beside it or its source")
     reference = ev.torch_forward(reference_model, kind) if kind == "encoder" else None
-    result = ev.evaluate(kind, forward, tokenizer, reference, progress=True, context=context).to_json()
+    result = ev.evaluate(kind, forward, tokenizer, reference, progress=True, context=context,
+                         text=args.text).to_json()
     result = {"target": target, "model": name, "runtime": runtime, **result,
               "seconds": time.perf_counter() - start}
     if args.json:
         args.json.write_text(json.dumps(clean_json(result), indent=2))
     shortened = f" (windows shortened to the model's {result['window']} positions)" \
         if result.get("shortened_from") else ""
-    print(f"{result['metric']}: {result['value']:.4f} ({runtime}){shortened}")
+    which = ", held-out text" if args.text == "heldout" else ""
+    print(f"{result['metric']}: {result['value']:.4f} ({runtime}{which}){shortened}")
     return 0
 
 

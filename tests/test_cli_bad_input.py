@@ -161,7 +161,7 @@ CASES: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
                        "unknown target 'tensorrt' (known: onnx-qdq, onnxruntime)"),
     "an option the qdq target does not have": (
         ["compress", "models.py:good", "--target", "onnx-qdq", "--target-option", "kernel=int8", "--out", "out"],
-        "target onnx-qdq has no option 'kernel' (it takes none)"),
+        "target onnx-qdq has no option 'kernel' (options: opset)"),
     "unknown target option": (["compress", "models.py:good", "--target-option", "kernal=int8", "--out", "out"],
                               "target onnxruntime has no option 'kernal' (options: kernel, accuracy_level"),
     "bad target option value": (["compress", "models.py:good", "--target-option", "kernel=int4", "--out", "out"],

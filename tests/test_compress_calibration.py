@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from graphpress import evaluation as ev
 from graphpress.cli import main
 from graphpress.compress import compress
 from tests.hf_tiny import save_tiny
@@ -70,9 +69,16 @@ def test_text_file_replaces_the_builtin_text_for_a_model_with_tokenizer(tmp_path
     assert _record(report, "gptq")["stats"]["calibration_batches"] == 1
 
 
-def test_report_names_the_builtin_text_when_no_file_is_given(tmp_path: Path) -> None:
+def test_report_names_the_builtin_mix_when_no_file_is_given(tmp_path: Path) -> None:
     (tmp_path / "gptq.yaml").write_text(GPTQ)
     report = compress("tiny-llama", tmp_path / "out", str(tmp_path / "gptq.yaml"), evaluate=False, progress=False)
     cal = report["calibration"]
-    assert (cal["source"], cal["sha256"], cal["windows"]) == ("built-in", ev.TEXT_SHA256, 4)
+    # half of the windows Python's docstrings, half sampled from the model (graphpress.calibration_text)
+    assert (cal["source"], cal["windows"], cal["python"]["windows"], cal["generated"]["windows"]) == \
+        ("built-in", 4, 2, 2)
+    # the recipe can ask for none sampled; the token ids differ, and the report's hash says so
+    (tmp_path / "plain.yaml").write_text(GPTQ.replace("length: 32}", "length: 32, generated: 0}"))
+    plain = compress("tiny-llama", tmp_path / "plain", str(tmp_path / "plain.yaml"), evaluate=False,
+                     progress=False)["calibration"]
+    assert (plain["python"]["windows"], "generated" in plain) == (4, False) and plain["sha256"] != cal["sha256"]
     assert compress("tiny-llama", tmp_path / "exact", evaluate=False, progress=False)["calibration"] is None

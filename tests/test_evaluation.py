@@ -66,3 +66,29 @@ def test_the_evaluation_text_is_pinned(tmp_path: Path, monkeypatch: pytest.Monke
             ev.corpus_text()
     finally:
         ev.corpus_text.cache_clear()
+
+
+def test_heldout_windows_spread_over_the_whole_text() -> None:
+    ids = torch.arange(100 * 8)
+    w = ev.spread_windows(ids, 4, 8)
+    assert w.shape == (4, 8) and w[0, 0] == 0 and w[-1, -1] == ids[-1]
+    with pytest.raises(ev.CalibrationError, match="fewer than 4 windows"):
+        ev.spread_windows(torch.arange(20), 4, 8)
+
+
+def test_heldout_text_is_found_by_path_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ev.heldout_text.cache_clear()
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None)  # as if gensim were not installed
+    monkeypatch.delenv("GRAPHPRESS_HELDOUT", raising=False)
+    with pytest.raises(ev.HeldOutTextMissing, match="pip install --no-deps gensim==4.4.0"):
+        ev.named_text("heldout")
+    wrong = tmp_path / "lee_background.cor"
+    wrong.write_text("some other news\n")
+    monkeypatch.setenv("GRAPHPRESS_HELDOUT", str(wrong))
+    with pytest.raises(ev.HeldOutTextMissing, match="is not the held-out text"):
+        ev.named_text("heldout")
+    monkeypatch.setattr(ev, "HELDOUT_SHA256", __import__("hashlib").sha256(wrong.read_bytes()).hexdigest())
+    assert ev.named_text("heldout") == "some other news\n"
+    ev.heldout_text.cache_clear()
+    with pytest.raises(ValueError, match="unknown evaluation text 'news'"):
+        ev.named_text("news")

@@ -1,7 +1,8 @@
 """Benchmark ONNX artifacts beside a reference export, measured in the same run.
 
 For each artifact (an .onnx file or a `graphpress compress` output directory): quality on the evaluation
-protocol (perplexity for causal LMs, cosine similarity for encoders) in onnxruntime, file size (with external
+protocol (perplexity for causal LMs, cosine similarity for encoders) in onnxruntime (with ``--heldout``, on the
+held-out news text too, each beside the reference's), file size (with external
 data), and onnxruntime latency — batch 1, 128 tokens, N threads, median of R runs after W warm-up runs, the
 runs taken in rounds, the artifacts in turn, one session alive at a time (see ``latencies``).
 Writes JSON and replaces the table between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in a Markdown file.
@@ -60,23 +61,34 @@ def measure(artifact: str, args: argparse.Namespace, sources: dict[str, Any]
                               "bytes": file_bytes(path)}
     if not args.no_quality:
         reference = ev.torch_forward(src.model, src.kind) if src.kind == "encoder" else None
-        quality = ev.evaluate(src.kind, ort_forward(path, args.eval_threads), src.tokenizer, reference)
-        result["quality"] = quality.to_json()
+        forward = ort_forward(path, args.eval_threads)
+        result["quality"] = ev.evaluate(src.kind, forward, src.tokenizer, reference).to_json()
+        if args.heldout:
+            result["heldout"] = ev.evaluate(src.kind, forward, src.tokenizer, reference, text="heldout").to_json()
     print(json.dumps(clean_json(result)), file=sys.stderr)
     return result, feed
 
 
 def markdown_table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     ref_ms = reference["latency"]["median_ms"]
-    lines = ["| artifact | recipe | quality | size MB | size × ref | latency ms (median) | latency × ref |",
-             "|---|---|---|---|---|---|---|"]
+    heldout = "heldout" in reference
+    extra = " held-out text | " if heldout else ""
+    lines = [f"| artifact | recipe | quality |{extra} size MB | size × ref | latency ms (median) | latency × ref |",
+             "|---|---|---|---|---|---|---|" + ("---|" if heldout else "")]
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        q, ref = r.get(key), reference.get(key)
+        if not q:
+            return "-"
+        change = f" ({(q['value'] / ref['value'] - 1) * 100:+.1f} %)" if r is not reference and ref else ""
+        return f"{q['metric']} {q['value']:.4f}{change}"
+
     for r in [reference, *rows]:
-        q = r.get("quality")
-        quality = f"{q['metric']} {q['value']:.4f}" if q else "-"
+        held = f" {cell(r, 'heldout')} |" if heldout else ""
         lines.append(
-            f"| {r['artifact']}{' (reference)' if r is reference else ''} | {r['recipe']} | {quality} | "
-            f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / reference['bytes']:.3f} | {r['latency']['median_ms']:.1f} | "
-            f"{r['latency']['median_ms'] / ref_ms:.3f} |"
+            f"| {r['artifact']}{' (reference)' if r is reference else ''} | {r['recipe']} | {cell(r, 'quality')} |"
+            f"{held} {r['bytes'] / 1e6:.1f} | {r['bytes'] / reference['bytes']:.3f} | "
+            f"{r['latency']['median_ms']:.1f} | {r['latency']['median_ms'] / ref_ms:.3f} |"
         )
     return "\n".join(lines)
 
@@ -103,6 +115,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--heldout", action="store_true",
+                   help="also the held-out news text (graphpress.evaluation; pip install --no-deps gensim==4.4.0)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()

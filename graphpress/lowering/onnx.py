@@ -74,6 +74,7 @@ def export_onnx(
     """
     path = Path(path)
     rules = rules if rules is not None else onnxruntime_rules()
+    opset = rules.opset if rules.opset is not None else opset
     size, lowered, floor = _write(program, path, rules, metadata, opset)  # its copies freed before the check
     log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
     result = ExportResult(path, size, lowered, None)

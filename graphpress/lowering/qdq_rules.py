@@ -17,6 +17,9 @@ quantized models as DequantizeLinear / QuantizeLinear around float ops (OpenVINO
         the same DequantizeLinear of the table's own initializer (stored once; 8-bit tables: 4-bit is refused)
     graphpress::rotary_embedding -> RotaryEmbedding (opset 23)
 
+Option ``opset`` (21, 22 or 23, default 23): the file's ONNX opset. Below 23 nothing of opset 23 is written:
+the rotary goes through its decomposition and the exporter writes attention and RMS norm as the older ops.
+
 Weight-only products are exact up to float rounding in a runtime that dequantizes; onnxruntime fuses
 DequantizeLinear -> MatMul into MatMulNBits with int8 activations per block by default, so the export check
 (run there) holds every linear to the int8 floor, against the program rounding x per token where the op does.
@@ -154,15 +157,23 @@ def narrow_initializers(model: onnx_ir.Model) -> None:
             v.dtype = dtype
 
 
-def qdq_rules() -> RuleTable:
-    """The onnx-qdq target's rules (see the module docstring); it has no options yet."""
-    return RuleTable((
+OPSETS = (21, 22, 23)  # blocked DequantizeLinear needs 21
+
+
+def qdq_rules(opset: int = 23) -> RuleTable:
+    """The onnx-qdq target's rules (see the module docstring). ``opset``: 23 keeps RMSNormalization, Attention
+    and RotaryEmbedding as single ops; 21 or 22 writes them as the older standard ops they decompose into
+    (MatMul, Softmax, ReduceMean, Sin/Cos...) for compilers that do not read opset 23 or run it badly."""
+    if isinstance(opset, bool) or opset not in OPSETS:
+        raise TargetError(f"onnx-qdq option opset must be one of {', '.join(map(str, OPSETS))}, not {opset!r}")
+    rules = [
         # onnxruntime (where the export check runs) fuses DequantizeLinear -> MatMul into its MatMulNBits and by
         # default (session.qdq_matmulnbits_accuracy_level 4) rounds the activations to int8 per block there:
         # a 4-bit tiny llama measured 44.5 dB against the exact product; a wrong layout lands near 0 dB
         Rule(LINEAR, _linear_lower, target="onnx", check_sqnr_db=INT8_ACTIVATIONS_DB, emulate=_linear_emulation,
              store=_linear_store),
         Rule(EMBEDDING, _embedding_lower, target="onnx", store=_embedding_store),
-        Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"),
-    ), finish=narrow_initializers)
-
+    ]
+    if opset >= 23:  # below, the rotary goes through its decomposition (its reference: x cos + rotate(x) sin)
+        rules.append(Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"))
+    return RuleTable(tuple(rules), finish=narrow_initializers, opset=opset)

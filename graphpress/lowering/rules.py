@@ -69,6 +69,10 @@ class RuleTable:
     # rewrites the exported ONNX model (onnx_ir) after constant folding, before it is saved: storage choices
     # that only ONNX can express (4-bit initializers)
     finish: Callable[[Any], None] | None = None
+    # the ONNX opset the target reads (None: the exporter's default, graphpress.lowering.onnx.OPSET); below 23
+    # the exporter decomposes attention and RMS norm into older standard ops, and ops without a rule go
+    # through their decomposition
+    opset: int | None = None
 
     def __post_init__(self) -> None:
         ops = [r.op for r in self.rules]
@@ -78,9 +82,11 @@ class RuleTable:
 
     def __add__(self, other: RuleTable | Iterable[Rule]) -> RuleTable:
         if not isinstance(other, RuleTable):
-            return RuleTable(self.rules + tuple(other), self.prepare, self.finish)
+            return RuleTable(self.rules + tuple(other), self.prepare, self.finish, self.opset)
+        if None not in (self.opset, other.opset) and self.opset != other.opset:
+            raise ValueError(f"lowering tables for opsets {self.opset} and {other.opset} cannot be combined")
         return RuleTable(self.rules + other.rules, _chain(self.prepare, other.prepare),
-                         _chain(self.finish, other.finish))
+                         _chain(self.finish, other.finish), self.opset if self.opset is not None else other.opset)
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)

@@ -9,7 +9,7 @@
         group_size: 128
         targets: ['model\\.layers\\.']
     plugins: [my_passes.py]       # optional; modules that register their own passes (register_pass)
-    calibration: {windows: 64, length: 512, batch: 8}   # optional; for passes that run the model
+    calibration: {windows: 64, length: 512, batch: 8, generated: 32}   # optional; for passes that run the model
     target: {onnxruntime: {kernel: int8}}     # optional; options per lowering target (graphpress.lowering.targets)
 
 Named recipes are the YAML files beside this module; ``load_recipe`` also takes a path to a YAML file.
@@ -88,8 +88,10 @@ def load_recipe(name_or_path: str | None) -> Recipe:
 
 TOP_LEVEL = {"name": str, "description": str, "plugins": list, "passes": list, "calibration": dict,
              "target": dict}
-# calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward
-CALIBRATION = ("windows", "length", "batch", "sentences")
+# calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward, how
+# many of the built-in windows the model samples itself (graphpress.calibration_text; default half)
+DEFAULT_WINDOWS = 64
+CALIBRATION = ("windows", "length", "batch", "sentences", "generated")
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
@@ -113,8 +115,13 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
         if key not in CALIBRATION:
             raise RecipeError(f"recipe {source}: unknown key {key!r} under 'calibration' "
                               f"(allowed: {', '.join(CALIBRATION)})")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RecipeError(f"recipe {source}: calibration {key!r} must be a positive integer, not {value!r}")
+        least = 0 if key == "generated" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a whole number" if least == 0 else "a positive integer"
+            raise RecipeError(f"recipe {source}: calibration {key!r} must be {what}, not {value!r}")
+    if calibration.get("generated", 0) > calibration.get("windows", DEFAULT_WINDOWS):
+        raise RecipeError(f"recipe {source}: calibration 'generated' ({calibration['generated']}) cannot exceed "
+                          f"'windows' ({calibration.get('windows', 64)})")
     target = dict(data.get("target") or {})
     _check_target(target, source)
     return Recipe(

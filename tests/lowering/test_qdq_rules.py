@@ -109,3 +109,20 @@ def test_initializers_another_op_reads_are_not_narrowed() -> None:
     model = _dq_model(np.arange(12, dtype=np.uint8).reshape(3, 4), None, gather_too=True)
     narrow_initializers(model)
     assert _types(model) == {"codes": onnx_ir.DataType.UINT8}
+
+
+def test_opset_21_writes_the_opset_23_ops_as_older_ones(tmp_path: Path) -> None:
+    program, batches = _program("llama")
+    out, _ = run_pipeline(program, load_recipe("w4-rtn").passes, calibration=batches)
+    fused = {"RMSNormalization", "RotaryEmbedding", "Attention"}
+    ops = {}
+    for opset in (23, 21):
+        path = tmp_path / f"m{opset}.onnx"
+        result = export_onnx(out, path, rules=target_rules("onnx-qdq", {"opset": opset}))  # checked in onnxruntime
+        assert result.check["sqnr_db"] >= result.check["floor_db"]
+        model = onnx.load(path)
+        onnx.checker.check_model(model, full_check=True)
+        assert {(o.domain, o.version) for o in model.opset_import} == {("", opset)}
+        ops[opset] = {n.op_type for n in model.graph.node}
+    assert {"RMSNormalization", "RotaryEmbedding"} <= ops[23] and not fused & ops[21]
+    assert {"DequantizeLinear", "Softmax", "ReduceMean", "Sin", "Cos"} <= ops[21]

@@ -238,3 +238,10 @@ def test_tables_compose_their_prepare_and_finish_steps_in_order() -> None:
     both.finish(None)
     assert seen == ["prepare 1", "finish 1", "finish 2"]
     assert (first + []).finish is first.finish and (second + RuleTable()).prepare is None
+
+
+def test_tables_keep_their_opset_and_refuse_two_different_ones() -> None:
+    assert (RuleTable(opset=21) + RuleTable()).opset == (RuleTable() + RuleTable(opset=21)).opset == 21
+    assert (RuleTable(opset=21) + []).opset == 21
+    with pytest.raises(ValueError, match="opsets 21 and 23 cannot be combined"):
+        RuleTable(opset=21) + RuleTable(opset=23)

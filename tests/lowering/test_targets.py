@@ -19,6 +19,7 @@ def test_options_reach_the_rule_table() -> None:
     ("onnxruntime", {"kernal": "int8"}, "target onnxruntime has no option 'kernal' \\(options: kernel, "),
     ("onnxruntime", {"kernel": "int4"}, "kernel must be one of nbits, int8, not 'int4'"),
     ("onnxruntime", {"fp16_scales": "yes"}, "fp16_scales must be true or false"),
+    ("onnx-qdq", {"opset": 20}, "opset must be one of 21, 22, 23, not 20"),
 ])
 def test_unknown_targets_options_and_values_are_named(name: str, options: dict, message: str) -> None:
     with pytest.raises(TargetError, match=message):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -112,6 +113,13 @@ def python_sentences(n: int) -> list[str]:
         chars *= 2
 
 
+def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of ``parts`` (each [n_i, L]) taken in turn, one of each while they last: any first rows hold
+    every source."""
+    rows = [r for group in itertools.zip_longest(*[p.unbind() for p in parts]) for r in group if r is not None]
+    return torch.stack(rows)
+
+
 def can_generate(model: nn.Module) -> bool:
     """A Hugging Face causal LM that can sample (``generate``)."""
     return callable(getattr(model, "generate", None)) and getattr(model, "config", None) is not None
@@ -143,7 +151,8 @@ def _save(folder: Path, windows: torch.Tensor) -> None:
 
 def _sample(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int, progress: bool) -> torch.Tensor:
     bos = getattr(tokenizer, "bos_token_id", None)
-    start = torch.full((n, 1), bos if isinstance(bos, int) else 0, dtype=torch.long)
+    device = next(model.parameters()).device
+    start = torch.full((n, 1), bos if isinstance(bos, int) else 0, dtype=torch.long, device=device)
     log.info("sampling %d calibration windows of %d tokens from the model (seed %d; kept in %s)", n, length,
              seed, cache.cache_dir())
     bar = None
@@ -167,7 +176,7 @@ def _sample(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int, pr
                              pad_token_id=bos if isinstance(bos, int) else 0, logits_processor=processors or None)
     if bar is not None:
         bar.close()
-    return out[:, :length].contiguous()
+    return out[:, :length].cpu().contiguous()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -178,5 +187,5 @@ def model_fingerprint(model: nn.Module) -> str:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 65536)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(flat[::step].float().contiguous().numpy().tobytes())
+        h.update(flat[::step].float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]

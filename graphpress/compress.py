@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -254,8 +253,7 @@ def _default_windows(src: Source, n: int, length: int, generated: int | None
     if generated:
         parts.append(ct.generated_windows(src.model, src.tokenizer, generated, length, progress=True))
         origin["generated"] = {"windows": generated, "seed": ct.SEED, "sampling": "temperature 1 from BOS"}
-    rows = [r for pair in itertools.zip_longest(*[p.unbind() for p in parts]) for r in pair if r is not None]
-    ids = torch.stack(rows)
+    ids = ct.interleave(parts)
     origin["sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     return ids, origin
 

@@ -76,3 +76,8 @@ def test_a_model_that_cannot_sample_is_refused() -> None:
         _default_windows(src, 4, 16, 2)
     ids, origin = _default_windows(src, 4, 16, None)  # by default: Python's text only
     assert ids.shape == (4, 16) and "generated" not in origin
+
+
+def test_interleave_takes_each_source_in_turn() -> None:
+    a, b = torch.zeros(3, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+    assert ct.interleave([a, b])[:, 0].tolist() == [0, 1, 0, 0]

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 G=.venv/bin/graphpress
+# the held-out news text of the evaluation protocol (graphpress/evaluation.py): read from gensim's distribution
+.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gensim') is None)" \
+  || .venv/bin/pip install -q --no-deps gensim==4.4.0
 RECIPES=${*:-w4-awq-gptq w4-gptq w8a8-smoothquant w4-rtn w4-awq w8-rtn}
 for r in exact $RECIPES; do
   if [ ! -f "$OUT/$r/model.onnx" ]; then
@@ -23,7 +26,7 @@ fi
 .venv/bin/python tools/bench_gptq.py --json "$OUT/gptq.json" > /dev/null 2> "$OUT/gptq.log"
 artifacts=()
 for r in $RECIPES; do artifacts+=("$OUT/$r"); done
-.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2 \
+.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2 --heldout \
   --runs 40 --json "$OUT/bench-smollm2.json" --markdown BENCHMARKS.md
 .venv/bin/python tools/bench.py --reference "$OUT/minilm-exact" "$OUT/minilm-w8a8" --name minilm \
   --runs 40 --json "$OUT/bench-minilm.json" --markdown BENCHMARKS.md

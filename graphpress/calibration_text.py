@@ -44,6 +44,14 @@ SEED = 0
 CHUNK = 8  # windows sampled together
 
 
+class TooLittleText(ValueError):
+    """Python's docstrings hold fewer windows than asked for."""
+
+    def __init__(self, asked: int, available: int) -> None:
+        super().__init__(f"asked for {asked} windows of Python's docstrings, but they hold {available}")
+        self.asked, self.available = asked, available
+
+
 def stdlib_files(root: Path | None = None) -> list[Path]:
     """The standard library's source files (without the folders in ``_SKIP``), sorted."""
     root = root or Path(sysconfig.get_paths()["stdlib"])
@@ -95,8 +103,7 @@ def python_windows(tokenizer: Any, n: int, length: int) -> torch.Tensor:
             break
         chars *= 2
     if ids.numel() < n * length:
-        raise ValueError(f"the standard library's docstrings hold {ids.numel()} tokens, fewer than {n} "
-                         f"calibration windows of {length}: ask for fewer windows or give --calibration FILE")
+        raise TooLittleText(n, ids.numel() // length)
     return ids[: n * length].view(n, length)
 
 

@@ -248,7 +248,12 @@ def _default_windows(src: Source, n: int, length: int, generated: int | None
                          f"{src.name} cannot: set generated: 0 under calibration")
     parts, origin = [], {}
     if n - generated:
-        parts.append(ct.python_windows(src.tokenizer, n - generated, length))
+        try:
+            parts.append(ct.python_windows(src.tokenizer, n - generated, length))
+        except ct.TooLittleText as e:
+            raise ev.CalibrationError(
+                f"asked for {n} calibration windows of {length} tokens ({e.asked} of Python's docstrings, which "
+                f"hold {e.available}): ask for fewer or shorter windows, or give --calibration FILE") from e
         origin["python"] = {"windows": n - generated, "text": _PYTHON_TEXT}
     if generated:
         parts.append(ct.generated_windows(src.model, src.tokenizer, generated, length, progress=True))

@@ -41,8 +41,10 @@ def test_named_recipes_lower_to_standard_onnx(arch: str, recipe: str, tmp_path: 
     linears = result.lowered["graphpress.quantized_linear.default"]
     assert ops["DequantizeLinear"] >= linears + result.lowered["graphpress.quantized_embedding.default"]
     types = Counter(i.data_type for i in model.graph.initializer)
-    if recipe.startswith("w4"):  # the blocks' codes and zero points, two a byte
-        assert types[TensorProto.UINT4] >= 2 * (linears - 1)
+    four_bit = sum(1 for n in out.gm.graph.nodes if n.op == "call_function" and "quantized_linear" in str(n.target)
+                   and n.args[6] == 4)  # (x, codes, scales, zeros, bias, K, bits, ...); w4-awq-gptq: block 0 is 8-bit
+    if recipe.startswith("w4"):  # the 4-bit linears' codes and zero points, two a byte
+        assert four_bit >= 2 and types[TensorProto.UINT4] >= 2 * four_bit
     else:
         assert not types[TensorProto.UINT4] and not types[TensorProto.INT4]
     if recipe == "w8a8-smoothquant":  # activations rounded per token by a Q/DQ pair in front of each product

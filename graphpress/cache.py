@@ -61,6 +61,14 @@ def cached(kind: str, name: str, build: Callable[[Path], None]) -> Path | None:
     return final
 
 
+def prune(kind: str, prefix: str, keep: str) -> None:
+    """Remove the entries ``kind/<prefix>*`` other than ``keep``: what an older graphpress built for the same
+    model (its exports are keyed by graphpress's code, and would otherwise pile up with every upgrade)."""
+    for entry in (cache_dir() / kind).glob(f"{prefix}*"):
+        if entry.name != keep and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def cached_json(kind: str, name: str, compute: Callable[[], Any]) -> Any:
     """``compute()``'s JSON value, kept as entry ``kind/name`` (computed every time when the cache cannot be
     written)."""

@@ -404,12 +404,15 @@ def _reference_export(program: Program, fingerprint: str, stack: contextlib.Exit
     """The uncompressed program's export, the "before" of every evaluation. It depends only on the model and
     graphpress's code, so it is kept in the cache (graphpress.cache: a second recipe on the same model skips
     this export and its evaluation); in a temporary folder when the cache cannot be written."""
-    key = cache.key("reference", fingerprint, cache.code_version(), torch.__version__, onnxruntime.__version__)
+    # <model>-<code>: a new graphpress replaces the export an older one kept for the same model
+    key = f"{fingerprint[:16]}-{cache.key(cache.code_version(), torch.__version__, onnxruntime.__version__)[:16]}"
 
     def build(folder: Path) -> None:
         export_onnx(program, folder / "model.onnx", check=False)
 
     folder = cache.cached("reference", key, build)
+    if folder is not None:
+        cache.prune("reference", f"{fingerprint[:16]}-", keep=key)
     if folder is None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphpress-reference-")))
         build(folder)

@@ -65,3 +65,10 @@ def test_keys_and_fingerprints_change_with_what_they_name(tmp_path: Path) -> Non
     before = cache.file_fingerprint([f])
     f.write_bytes(b"22")
     assert cache.file_fingerprint([f]) != before
+
+
+def test_prune_removes_the_other_entries_of_a_prefix_only(tmp_path: Path) -> None:
+    for name in ("m1-old", "m1-new", "m2-old"):
+        cache.cached("reference", name, lambda folder: None)
+    cache.prune("reference", "m1-", keep="m1-new")
+    assert sorted(p.name for p in (tmp_path / "cache" / "reference").iterdir()) == ["m1-new", "m2-old"]

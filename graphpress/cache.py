@@ -23,6 +23,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+MARKER = ".graphpress-cache-entry"  # in every entry graphpress built
+
 
 def cache_dir() -> Path:
     if os.environ.get("GRAPHPRESS_CACHE"):
@@ -50,6 +52,7 @@ def cached(kind: str, name: str, build: Callable[[Path], None]) -> Path | None:
         return None
     try:
         build(tmp)
+        (tmp / MARKER).touch()  # what prune may ever remove
         try:
             tmp.rename(final)
         except OSError:  # another run built it first
@@ -65,7 +68,7 @@ def prune(kind: str, prefix: str, keep: str) -> None:
     """Remove the entries ``kind/<prefix>*`` other than ``keep``: what an older graphpress built for the same
     model (its exports are keyed by graphpress's code, and would otherwise pile up with every upgrade)."""
     for entry in (cache_dir() / kind).glob(f"{prefix}*"):
-        if entry.name != keep and entry.is_dir():
+        if entry.name != keep and (entry / MARKER).is_file():
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -114,7 +114,7 @@ def python_sentences(n: int) -> list[str]:
     chars = n * 200
     while True:
         text = python_text(chars)
-        good = [" ".join(s.split()) for s in split_sentences(text) if 30 <= len(" ".join(s.split())) <= 400]
+        good = [s for s in (" ".join(s.split()) for s in split_sentences(text)) if 30 <= len(s) <= 400]
         if len(good) >= n or len(text) < chars:
             return good[:n]
         chars *= 2

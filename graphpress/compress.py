@@ -241,8 +241,6 @@ def _default_windows(src: Source, n: int, length: int, generated: int | None
     that any first batches (a pass's ``max_batches``) hold both."""
     if generated is None:
         generated = n // 2 if ct.can_generate(src.model) else 0
-    if generated > n:
-        raise ValueError(f"calibration: generated ({generated}) cannot exceed windows ({n})")
     if generated and not ct.can_generate(src.model):
         raise ValueError(f"calibration: generated windows need a model that can sample (generate), and "
                          f"{src.name} cannot: set generated: 0 under calibration")

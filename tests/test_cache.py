@@ -72,3 +72,11 @@ def test_prune_removes_the_other_entries_of_a_prefix_only(tmp_path: Path) -> Non
         cache.cached("reference", name, lambda folder: None)
     cache.prune("reference", "m1-", keep="m1-new")
     assert sorted(p.name for p in (tmp_path / "cache" / "reference").iterdir()) == ["m1-new", "m2-old"]
+
+
+def test_prune_never_removes_a_folder_graphpress_did_not_build(tmp_path: Path) -> None:
+    theirs = tmp_path / "cache" / "reference" / "m1-theirs"
+    theirs.mkdir(parents=True)
+    cache.cached("reference", "m1-new", lambda folder: None)
+    cache.prune("reference", "m1-", keep="m1-new")
+    assert theirs.is_dir()

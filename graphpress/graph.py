@@ -123,11 +123,12 @@ def last_dim(node: object) -> int | None:
     return None
 
 
-def infer_val(node: fx.Node) -> object:
+def infer_val(node: fx.Node, mode: object = None) -> object:
     """Set ``node.meta["val"]`` by running its target on its inputs' ``meta["val"]`` under their fake mode.
 
     For call_function nodes a pass creates, so that later passes and exporters see shapes and dtypes
     (symbolic where the inputs' are). Real tensors among the inputs' vals (``new_get_attr``) are faked.
+    ``mode``: the fake mode to use (default: the inputs'; a node with no tensor input needs it given).
     """
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensor
@@ -135,7 +136,7 @@ def infer_val(node: fx.Node) -> object:
     missing = [a.name for a in node.all_input_nodes if "val" not in a.meta]
     if missing:
         raise ValueError(f"cannot infer meta['val'] of {node.name}: inputs {missing} carry none")
-    mode = detect_fake_mode([a.meta["val"] for a in node.all_input_nodes])
+    mode = mode or detect_fake_mode([a.meta["val"] for a in node.all_input_nodes])
     if mode is None:
         raise ValueError(f"cannot infer meta['val'] of {node.name}: no input carries a fake tensor")
 

@@ -14,6 +14,7 @@ from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.linearize import LinearizeMatmuls
 from graphpress.passes.merge_siblings import MergeSiblingLinears
+from graphpress.passes.prune import PruneHeads, PruneMLP
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
 from graphpress.passes.smooth import AWQ, SmoothQuant
@@ -26,6 +27,8 @@ PASSES: dict[str, type[Pass]] = {
     "fold_batchnorm": FoldBatchNorm,
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,
+    "prune_mlp": PruneMLP,
+    "prune_heads": PruneHeads,
     "rtn": QuantizeRTN,
     "awq": AWQ,
     "smoothquant": SmoothQuant,

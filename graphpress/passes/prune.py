@@ -1,0 +1,225 @@
+"""Structured pruning: MLP neurons and attention heads removed from the graph, the program made smaller.
+
+    prune_mlp    up/gate rows j, down column j (and biases)                    =>  gone, for the least
+                 important neurons of each MLP; down's kept columns refit       important ``ratio`` or down
+                                                                                to ``width`` per layer
+    prune_heads  q rows of head h, o_proj's columns of head h (k/v rows too     =>  gone, evenly inside each
+                 once no query head of their group is left)                        key/value group
+
+Which rows, columns, biases and shape constants go together comes from the graph (graphpress.channels):
+no module names, so any architecture whose MLP and attention the analysis follows is pruned the same way.
+Which units go, and the least-squares correction of the consumer's kept columns, is graphpress.pruning.
+Calibration streams block by block (graphpress.statistics): each block's consumer linears are corrected in
+place before the stream moves on, so later blocks calibrate on the pruned earlier ones; the graph is cut
+once at the end. Widths are uniform across layers (Hugging Face configs need it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from graphpress import channels, pruning
+from graphpress.calibration import Part
+from graphpress.graph import cleanup, module_name
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.roles import linear_roles
+from graphpress.statistics import Group, GroupStats, Request, spread, stream_statistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneConfig(Selection, Pass):
+    exact: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True
+    ratio: float | None = None  # fraction of the units removed
+    importance: str = "obs"  # graphpress.pruning.METHODS
+    correct: bool = True  # refit the consumer's kept columns by least squares (always with "obs")
+    damp: float = 0.01
+    max_batches: int = 0  # calibration batches to use (0: all), spread over them
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.importance not in pruning.METHODS:
+            raise ValueError(f"{self.name}: importance must be one of {', '.join(pruning.METHODS)}, "
+                             f"not {self.importance!r}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ValueError(f"{self.name}: ratio must be in [0, 1), not {self.ratio}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"{self.name}: damp must be in [0, 1), not {self.damp}")
+
+
+@dataclass
+class _Consumer:
+    """A consumer linear to prune: its weight, its units (column indices), their groups and quota, and the
+    classes removed with each unit."""
+
+    weight: str
+    units: list[torch.Tensor]
+    groups: list[int]
+    quota: dict[int, int]
+    classes: list[set[int]]
+
+
+def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: list[_Consumer],
+           an: channels.Analysis) -> PassResult:
+    if not ctx.calibration:
+        raise PassError(f"{cfg.name} needs calibration data: set `calibration:` in the recipe or pass batches")
+    by_weight = {c.weight: c for c in consumers}
+    removed: set[int] = set()
+    done: set[str] = set()
+
+    def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
+        for weight, st in stats.items():
+            c = by_weight[weight]
+            w = gm.get_parameter(weight)
+            gone, new = pruning.select(w.detach(), c.units, c.quota, c.groups, method=cfg.importance,
+                                       H=st.inputs.xtx, mean_abs=st.inputs.mean_abs, correct=cfg.correct,
+                                       damp=cfg.damp)
+            with torch.no_grad():  # later blocks calibrate on this one pruned (removed columns are zero)
+                w.copy_(new)
+            for u in gone:
+                removed.update(c.classes[u])
+            done.add(weight)
+        log.info("%s: %s", cfg.name, part.name)
+
+    batches = spread(ctx.calibration, cfg.max_batches)
+    stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], Request(xtx=True, mean_abs=True),
+                      on_stats)
+    skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
+               if c.weight not in done}
+    before = sum(p.numel() for p in gm.parameters())
+    try:
+        channels.prune(an, removed)
+    except channels.ChannelError as e:
+        raise PassError(f"{cfg.name}: {e}") from e
+    cleanup(gm)
+    after = sum(p.numel() for p in gm.parameters())
+    return PassResult(gm, True, {"pruned_layers": len(done), "parameters_removed": before - after,
+                                 "skipped": skipped, "calibration_batches": len(batches)})
+
+
+def _selected(gm: fx.GraphModule, cfg: Selection, weight_nodes: list[fx.Node]) -> bool:
+    roles = linear_roles(gm)
+    return any(cfg.selects(module_name(n.args[1].target), roles.get(n)) for n in weight_nodes)
+
+
+def _columns(an: channels.Analysis, node: fx.Node, classes: list[set[int]]) -> list[torch.Tensor]:
+    """For each set of classes, the consumer's columns that carry them."""
+    col_classes = an.classes(an.linears[node][1])
+    return [torch.tensor([j for j, c in enumerate(col_classes.tolist()) if c in cs], dtype=torch.long)
+            for cs in classes]
+
+
+@dataclass(frozen=True)
+class PruneMLP(PruneConfig):
+    """Remove MLP neurons: ``ratio`` of each selected MLP's, or down to ``width`` per layer."""
+
+    name: ClassVar[str] = "prune_mlp"
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.ratio is None) == (self.width is None):
+            raise ValueError("prune_mlp: give one of ratio (fraction removed) or width (neurons kept)")
+        if self.width is not None and (isinstance(self.width, bool) or self.width < 1):
+            raise ValueError(f"prune_mlp: width must be a positive number of neurons, not {self.width}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        an = channels.analyze(gm)
+        consumers = []
+        for fam in channels.families(an):
+            node = fam.consumer_nodes[0]
+            if len(fam.consumer_nodes) > 1 or not _selected(gm, self, [node]):
+                continue
+            n = len(fam.classes)
+            keep = self.width if self.width is not None else n - round(n * self.ratio)
+            if keep < 1:
+                raise PassError(f"prune_mlp: ratio {self.ratio} leaves no neuron of the {n} in {module_name(fam.consumers[0])}")
+            if keep > n:
+                raise PassError(f"prune_mlp: width {keep} is more than the {n} neurons of {module_name(fam.consumers[0])}")
+            classes = [{c} for c in fam.classes]
+            consumers.append(_Consumer(node.args[1].target,
+                                       _columns(an, node, classes), [0] * n, {0: n - keep}, classes))
+        if not consumers:
+            raise PassError("prune_mlp: found no MLP to prune (channels from linears' rows to another linear's "
+                            "columns through pointwise ops only) among the selected layers")
+        return _prune(gm, ctx, self, consumers, an)
+
+
+@dataclass(frozen=True)
+class PruneHeads(PruneConfig):
+    """Remove attention heads: ``ratio`` of the query heads, or down to ``heads`` per layer; evenly inside
+    each key/value group (``groups: false``), or whole key/value groups with their query heads."""
+
+    name: ClassVar[str] = "prune_heads"
+    heads: int | None = None
+    groups: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.ratio is None) == (self.heads is None):
+            raise ValueError("prune_heads: give one of ratio (fraction of heads removed) or heads (heads kept)")
+        if self.heads is not None and (isinstance(self.heads, bool) or self.heads < 1):
+            raise ValueError(f"prune_heads: heads must be a positive number, not {self.heads}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        an = channels.analyze(gm)
+        consumers = []
+        for site in an.sites:
+            node = _consumer_of(an, site)
+            if node is None:
+                continue
+            if not _selected(gm, self, [node]):
+                continue
+            consumers.append(self._consumer(an, site, node))
+        if not consumers:
+            raise PassError("prune_heads: found no attention whose output a selected linear reads")
+        return _prune(gm, ctx, self, consumers, an)
+
+    def _consumer(self, an: channels.Analysis, site: channels.Site, node: fx.Node) -> _Consumer:
+        n_heads = len(site.group)
+        n_groups = len(set(site.group))
+        where = f"{site.node.name} ({module_name(node.args[1].target)})"
+        keep = self.heads if self.heads is not None else n_heads - round(n_heads * self.ratio)
+        if keep < 1:
+            raise PassError(f"prune_heads: ratio {self.ratio} leaves no head of the {n_heads} at {where}")
+        if keep > n_heads:
+            raise PassError(f"prune_heads: {keep} heads is more than the {n_heads} at {where}")
+        per_group = n_heads // n_groups
+        heads = [channels.head_classes(an, site, h) for h in range(n_heads)]
+        for h in range(n_heads):
+            for g in range(h):
+                if heads[h] & heads[g]:
+                    raise PassError(f"prune_heads: heads {g} and {h} at {where} share channels "
+                                    "(the graph couples them), so neither can be removed alone")
+        if self.groups:
+            if keep % per_group:
+                raise PassError(f"prune_heads: {keep} heads at {where} are not whole key/value groups of "
+                                f"{per_group}: keep a multiple of {per_group}")
+            members = [[h for h in range(n_heads) if site.group[h] == g] for g in range(n_groups)]
+            classes = [set().union(*(heads[h] for h in m)) for m in members]
+            return _Consumer(node.args[1].target, _columns(an, node, classes), [0] * n_groups,
+                             {0: n_groups - keep // per_group}, classes)
+        if keep % n_groups:
+            raise PassError(f"prune_heads: {keep} heads at {where} cannot be spread evenly over its {n_groups} "
+                            f"key/value groups: keep a multiple of {n_groups}")
+        quota = {g: per_group - keep // n_groups for g in range(n_groups)}
+        return _Consumer(node.args[1].target, _columns(an, node, heads), list(site.group), quota, heads)
+
+
+def _consumer_of(an: channels.Analysis, site: channels.Site) -> fx.Node | None:
+    """The linear that reads the attention's output (o_proj)."""
+    out = an.class_set(site.out)
+    for node, (_, cols, _) in an.linears.items():
+        if out & an.class_set(cols):
+            return node
+    return None
+
+
+__all__ = ["PruneHeads", "PruneMLP"]

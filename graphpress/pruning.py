@@ -4,7 +4,7 @@ A consumer linear y = W x reads units (an MLP neuron: one column of W; an attent
 With H = X^T X over calibration rows (graphpress.statistics), removing the units U and refitting the kept
 columns by least squares is
 
-    W'_K = W H[:, K] H[K, K]^-1          (K = the kept columns; W'_U = 0)
+    W'_K = W H[:, K] H[K, K]^-1  =  W_K + W_U H[U, K] H[K, K]^-1      (K kept, U removed; W'_U = 0)
 
 and the output error of removing one unit u from the current W, with the others refit (optimal brain
 surgeon on a block of columns), is
@@ -56,12 +56,16 @@ def scores(method: str, W: torch.Tensor, units: Sequence[torch.Tensor], mean_abs
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Least squares: the kept columns [N, |K|] that best reproduce W x from x_K (W'_K = W H_:K H_KK^-1)."""
-    Hd = H.double()
+    """Least squares: the kept columns [N, |K|] that best reproduce W x from x_K, damped towards W_K:
+
+        W'_K = W_K + W_U H_UK (H_KK + lambda I)^-1      (lambda = damp * mean diag H_KK; lambda = 0: exact LS)
+    """
+    Hd, Wd = H.double(), W.double()
     HKK = Hd[keep][:, keep].clone()
     HKK += torch.eye(HKK.shape[0], dtype=HKK.dtype) * damp * torch.diag(HKK).mean().clamp_min(1e-12)
-    rhs = W.double() @ Hd[:, keep]  # [N, |K|]
-    return torch.linalg.solve(HKK, rhs.T).T
+    drop = ~keep
+    rhs = Wd[:, drop] @ Hd[drop][:, keep]  # [N, |K|]
+    return Wd[:, keep] + torch.linalg.solve(HKK, rhs.T).T
 
 
 def select(W: torch.Tensor, units: Sequence[torch.Tensor], quota: dict[int, int], groups: Sequence[int],

@@ -15,6 +15,7 @@ from graphpress.passes.gptq import GPTQ
 from graphpress.passes.linearize import LinearizeMatmuls
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.prune import PruneHeads, PruneMLP
+from graphpress.passes.prune_layers import PruneLayers
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
 from graphpress.passes.smooth import AWQ, SmoothQuant
@@ -29,6 +30,7 @@ PASSES: dict[str, type[Pass]] = {
     "merge_sibling_linears": MergeSiblingLinears,
     "prune_mlp": PruneMLP,
     "prune_heads": PruneHeads,
+    "prune_layers": PruneLayers,
     "rtn": QuantizeRTN,
     "awq": AWQ,
     "smoothquant": SmoothQuant,

@@ -65,7 +65,7 @@ def blocks(gm: fx.GraphModule) -> list[Block]:
 def _same_kind(a: fx.Node, b: fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
     return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
-            and len(va.shape) == len(vb.shape) and all(str(x) == str(y) for x, y in zip(va.shape, vb.shape)))
+            and len(va.shape) == len(vb.shape) and all(str(x) == str(y) for x, y in zip(va.shape, vb.shape, strict=True)))
 
 
 def remove_blocks(gm: fx.GraphModule, chosen: list[Block]) -> None:

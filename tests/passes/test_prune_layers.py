@@ -47,7 +47,8 @@ def test_removed_block_equals_a_model_with_its_block_list_cut_by_hand(arch: str)
 
 
 def test_loss_search_picks_the_block_whose_removal_costs_least() -> None:
-    from graphpress.passes.prune_layers import blocks as find, calibration_loss
+    from graphpress.passes.prune_layers import blocks as find
+    from graphpress.passes.prune_layers import calibration_loss
 
     model = tiny_model("llama")
     program = capture(model, {"input_ids": IDS})

@@ -342,6 +342,7 @@ def compress(
     fingerprint = cache.key(ct.model_fingerprint(program.gm), program.name, src.kind,
                             [(tuple(x.shape), x.dtype) for x in program.example_inputs if hasattr(x, "shape")])
     feed = latency_feed(src, program) if evaluate else None
+    hf_config = getattr(src.model, "config", None) if rec.structural() else None
     # from here on the program is the model: the passes rewrite it in place, so that the weights they replace
     # are freed, and "before" is the uncompressed program's export, evaluated in the same runtime
     src.model = None
@@ -362,6 +363,10 @@ def compress(
                     "source": src.source, "recipe": rec.name, "context": src.context or ""})
             if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
                 src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
+            hf = None
+            if hf_config is not None:
+                with timer("hf"):
+                    hf = _save_hf(compressed, hf_config, tmp / "hf", src.tokenizer)
             report: dict[str, Any] = {
                 "model": {"name": src.name, "source": src.source, "kind": src.kind, "context": src.context},
                 "recipe": rec.to_json(),
@@ -371,6 +376,7 @@ def compress(
                 "parameters": {"before": before["parameters"], "after": compressed.num_parameters()},
                 "bytes": {"before": before["bytes"], "after": compressed.num_bytes(), "onnx_file": exported.bytes},
                 "onnx": {**exported.to_json(), "path": "model.onnx"},
+                "hf": hf,
                 "evaluation": None,
                 "latency": None,
                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
@@ -389,6 +395,18 @@ def compress(
             report["timings"] = timer.seconds
             (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
+
+
+def _save_hf(program: Program, config: Any, folder: Path, tokenizer: Any) -> dict[str, Any]:
+    """A pruned Hugging Face model written back as a plain directory (graphpress.hf_export); a program the
+    writer cannot express (quantized tensors, widths that differ between layers) gets the reason instead."""
+    from graphpress.hf_export import program_state, save_hf
+
+    try:
+        save_hf(program_state(program), config, folder, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    return {"path": folder.name}
 
 
 @dataclass

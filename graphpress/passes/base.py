@@ -43,6 +43,8 @@ class PassContext:
 class Pass:
     name: ClassVar[str] = "pass"
     exact: ClassVar[bool] = True
+    # changes the model's architecture (widths, depth): compress then writes a Hugging Face copy (hf/)
+    structural: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PruneConfig(Selection, Pass):
     exact: ClassVar[bool] = False
+    structural: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     ratio: float | None = None  # fraction of the units removed
     importance: str = "obs"  # graphpress.pruning.METHODS
@@ -185,20 +186,25 @@ class PruneHeads(PruneConfig):
     def _consumer(self, an: channels.Analysis, site: channels.Site, node: fx.Node) -> _Consumer:
         n_heads = len(site.group)
         n_groups = len(set(site.group))
+        per_group = n_heads // n_groups
         where = f"{site.node.name} ({module_name(node.args[1].target)})"
-        keep = self.heads if self.heads is not None else n_heads - round(n_heads * self.ratio)
+        if self.heads is not None:
+            keep = self.heads
+        elif per_group > 1 and not self.groups:  # the ratio of each key/value group's query heads
+            keep = n_groups * round(per_group * (1 - self.ratio))
+        else:  # the ratio of the groups (one head each without grouped-query attention)
+            keep = per_group * (n_groups - round(n_groups * self.ratio))
         if keep < 1:
             raise PassError(f"prune_heads: ratio {self.ratio} leaves no head of the {n_heads} at {where}")
         if keep > n_heads:
             raise PassError(f"prune_heads: {keep} heads is more than the {n_heads} at {where}")
-        per_group = n_heads // n_groups
         heads = [channels.head_classes(an, site, h) for h in range(n_heads)]
         for h in range(n_heads):
             for g in range(h):
                 if heads[h] & heads[g]:
                     raise PassError(f"prune_heads: heads {g} and {h} at {where} share channels "
                                     "(the graph couples them), so neither can be removed alone")
-        if self.groups:
+        if self.groups or per_group == 1:  # whole key/value groups (each head its own without GQA)
             if keep % per_group:
                 raise PassError(f"prune_heads: {keep} heads at {where} are not whole key/value groups of "
                                 f"{per_group}: keep a multiple of {per_group}")

@@ -145,6 +145,7 @@ class PruneLayers(Pass):
 
     name: ClassVar[str] = "prune_layers"
     exact: ClassVar[bool] = False
+    structural: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     count: int | None = None
     ratio: float | None = None
@@ -169,7 +170,7 @@ class PruneLayers(Pass):
             raise PassError("prune_layers needs calibration data: set `calibration:` in the recipe or pass batches")
         all_blocks = blocks(gm)
         n = len(all_blocks)
-        count = self.count if self.count is not None else round(n * self.ratio)
+        count = self.count if self.count is not None else max(1, round(n * self.ratio))
         if not 1 <= count < n:
             raise PassError(f"prune_layers: removing {count} of the {n} blocks leaves "
                             f"{'none' if count >= n else 'all'}: choose a count between 1 and {n - 1}")

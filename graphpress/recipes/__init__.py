@@ -54,6 +54,10 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(getattr(p, "needs_calibration", False) for p in self.passes)
 
+    def structural(self) -> bool:
+        """Whether a pass changes the model's architecture (compress then writes hf/)."""
+        return any(p.structural for p in self.passes)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

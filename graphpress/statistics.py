@@ -196,10 +196,12 @@ def spread(batches: list[tuple[torch.Tensor, ...]], n: int) -> list[tuple[torch.
 
 
 def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], groups: Sequence[Group],
-                      request: Request, on_stats: OnStats) -> set[str]:
+                      request: Request, on_stats: OnStats, rerun: bool = False) -> set[str]:
     """Stream ``batches`` through ``gm`` block by block; for each part reading some groups' weights, observe
     them and call ``on_stats(part, stats)``. Returns the leads of the groups that were observed (a group
     outside the streamed parts, or split over two parts, is not). Only one part's Stats are alive at once.
+    ``rerun``: run each part again after ``on_stats``, so that what flows on is the rewritten part's output
+    (later blocks then calibrate on the compressed earlier ones; one more forward per part).
     """
     by_weight = {w: g for g in groups for w in g.weights}
     done: set[str] = set()
@@ -213,6 +215,8 @@ def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]
         stats = observe_part(forward, mine, request, len(batches))
         done.update(stats)
         on_stats(part, stats)
+        if rerun:
+            forward(None)
 
     wanted = {w for g in groups for w in g.weights}
     if wanted:

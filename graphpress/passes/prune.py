@@ -10,8 +10,8 @@ Which rows, columns, biases and shape constants go together comes from the graph
 no module names, so any architecture whose MLP and attention the analysis follows is pruned the same way.
 Which units go, and the least-squares correction of the consumer's kept columns, is graphpress.pruning.
 Calibration streams block by block (graphpress.statistics): each block's consumer linears are corrected in
-place before the stream moves on, so later blocks calibrate on the pruned earlier ones; the graph is cut
-once at the end. Widths are uniform across layers (Hugging Face configs need it).
+place (removed columns zeroed) and, with ``sequential``, the block runs again so that later blocks calibrate
+on the pruned earlier ones; the graph is cut once at the end. Widths are uniform across layers (Hugging Face configs need it).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class PruneConfig(Selection, Pass):
     correct: bool = True  # refit the consumer's kept columns by least squares (always with "obs")
     damp: float = 0.01
     max_batches: int = 0  # calibration batches to use (0: all), spread over them
+    sequential: bool = True  # later blocks calibrate on the pruned earlier ones (one more forward per block)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +92,7 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
 
     batches = spread(ctx.calibration, cfg.max_batches)
     stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], Request(xtx=True, mean_abs=True),
-                      on_stats)
+                      on_stats, rerun=cfg.sequential)
     skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
                if c.weight not in done}
     before = sum(p.numel() for p in gm.parameters())

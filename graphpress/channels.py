@@ -542,12 +542,17 @@ def prune(an: Analysis, removed: set[int]) -> dict[str, int]:
     from torch._guards import detect_fake_mode
 
     mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    # only what the cut reaches is re-inferred (values no channel flows through keep theirs: a rotary
+    # table computed under a higher-order op, say)
+    changed: set[fx.Node] = set(keeps)
+    cut = {alias for name in counts for alias in names.get(name, [name])}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            t = get_tensor(gm, node)
-            if isinstance(t, torch.Tensor):
-                node.meta["val"] = t
-        elif node.op == "call_function" and "val" in node.meta:
+        if node.op == "get_attr" and node.target in cut:
+            node.meta["val"] = get_tensor(gm, node)
+            changed.add(node)
+        elif node.op == "call_function" and "val" in node.meta and (
+                node in changed or any(a in changed for a in node.all_input_nodes)):
+            changed.add(node)
             try:
                 infer_val(node, mode)
             except Exception as e:  # noqa: BLE001 - any failure names the node

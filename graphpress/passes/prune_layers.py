@@ -29,7 +29,10 @@ from graphpress.passes.base import Pass, PassContext, PassError, PassResult
 from graphpress.statistics import spread
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 METHODS = ("influence", "loss")
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default, aten.clone.default,
+          aten.dropout.default}
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,98 @@ class _Skipping(fx.Interpreter):
         return out
 
 
+def _writer(block: Block) -> tuple[fx.Node, fx.Node] | None:
+    """The block's last residual write, ``x_out = y + L(a)`` (through casts): (the add, the linear L)."""
+    add = block.x_out
+    while add.op == "call_function" and add.target in _CASTS:
+        add = add.args[0]
+    if add.op != "call_function" or add.target is not aten.add.Tensor:
+        return None
+    for z in add.args:
+        while isinstance(z, fx.Node) and z.op == "call_function" and z.target in _CASTS:
+            z = z.args[0]
+        if (isinstance(z, fx.Node) and z.target is aten.linear.default and z in block.nodes
+                and isinstance(z.args[1], fx.Node) and z.args[1].op == "get_attr"):
+            return add, z
+    return None
+
+
+def spans(chosen: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices: [(first, last), ...]."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(chosen):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+class _Bridging(fx.Interpreter):
+    """Accumulates, for each span, a^T a and a^T r of the kept block before it: a the input of its last
+    residual write L, r = x_after_span - x_out (what the span added on top of that block's output)."""
+
+    def __init__(self, gm: fx.GraphModule, plan: dict[int, tuple[fx.Node, fx.Node, fx.Node]]) -> None:
+        super().__init__(gm)
+        self.plan = plan  # span index -> (linear L, block output, span output)
+        self.linears = {v[0]: k for k, v in plan.items()}
+        self.outs = {v[1]: k for k, v in plan.items()}
+        self.ends = {v[2]: k for k, v in plan.items()}
+        self.a: dict[int, torch.Tensor] = {}
+        self.x: dict[int, torch.Tensor] = {}
+        self.gram: dict[int, torch.Tensor] = {}
+        self.cross: dict[int, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.linears:
+            a = self.env[n.args[0]]
+            self.a[self.linears[n]] = a.reshape(-1, a.shape[-1]).double()
+        if n in self.outs:
+            self.x[self.outs[n]] = out.reshape(-1, out.shape[-1]).double()
+        if n in self.ends:
+            k = self.ends[n]
+            a, r = self.a.pop(k), out.reshape(-1, out.shape[-1]).double() - self.x.pop(k)
+            self.gram[k] = self.gram.get(k, 0) + a.T @ a
+            self.cross[k] = self.cross.get(k, 0) + a.T @ r
+        return out
+
+
+def bridge(gm: fx.GraphModule, all_blocks: list[Block], chosen: list[int],
+           batches: list[tuple[torch.Tensor, ...]], damp: float) -> list[str]:
+    """Before removing each span of blocks, refit the last residual write L of the kept block before it so
+    that its output also carries what the span added (least squares on calibration, damped towards W):
+
+        x_after = x_out + r,  x_out = y + W a   =>   W' = W + D,  D^T = (A^T A + lambda I)^-1 A^T R
+
+    (training-free replacement of removed blocks by a linear map merged into an existing weight, as
+    ReplaceMe does). Returns the refit weights' names; a block without such a write is left as it is."""
+    plan = {}
+    for k, (first, last) in enumerate(spans(chosen)):
+        if first == 0:
+            continue
+        found = _writer(all_blocks[first - 1])
+        if found is None:
+            continue
+        plan[k] = (found[1], all_blocks[first - 1].x_out, all_blocks[last].x_out)
+    if not plan:
+        return []
+    run = _Bridging(gm, plan)
+    with torch.no_grad():
+        for batch in batches:
+            run.run(*batch)
+    names = []
+    for k, (linear, _, _) in plan.items():
+        G = run.gram[k]
+        G = G + torch.eye(G.shape[0], dtype=G.dtype) * damp * torch.diag(G).mean().clamp_min(1e-12)
+        delta = torch.linalg.solve(G, run.cross[k]).T  # [N, K]
+        w = gm.get_parameter(linear.args[1].target)
+        with torch.no_grad():
+            w.add_(delta.to(w.dtype))
+        names.append(linear.args[1].target)
+    return names
+
+
 def influence(gm: fx.GraphModule, all_blocks: list[Block], batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """1 - cos(x_in, x_out) of every block, averaged over every calibration token."""
     run = _Skipping(gm, all_blocks, set(), watch=True)
@@ -152,6 +247,8 @@ class PruneLayers(Pass):
     importance: str = "loss"
     shortlist: int = 12  # candidates per round of the loss search (the least influential blocks)
     max_batches: int = 4  # calibration batches the loss search runs (spread over them); influence uses all
+    bridge: bool = True  # refit the output projection before each removed span to what the span produced
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.ratio is None):
@@ -181,10 +278,11 @@ class PruneLayers(Pass):
             chosen = self._greedy(gm, all_blocks, scores, count, spread(ctx.calibration, self.max_batches))
         names = [all_blocks[i].name for i in chosen]
         log.info("prune_layers: removing %s", ", ".join(names))
+        refit = bridge(gm, all_blocks, chosen, ctx.calibration, self.damp) if self.bridge else []
         before = sum(p.numel() for p in gm.parameters())
         remove_blocks(gm, [all_blocks[i] for i in chosen])
         after = sum(p.numel() for p in gm.parameters())
-        return PassResult(gm, True, {"removed_blocks": names, "parameters_removed": before - after,
+        return PassResult(gm, True, {"removed_blocks": names, "parameters_removed": before - after, "bridged": refit,
                                      "influence": {all_blocks[i].name: round(float(scores[i]), 5) for i in range(n)}})
 
     def _greedy(self, gm: fx.GraphModule, all_blocks: list[Block], scores: torch.Tensor, count: int,

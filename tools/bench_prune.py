@@ -1,8 +1,9 @@
 """Pruning benchmarks beside `graphpress compress` and tools/bench.py.
 
-    python tools/bench_prune.py hf out/prune-20 out/prune-mlp-25 [--heldout] [--json F]
+    python tools/bench_prune.py hf out/prune-20 out/prune-mlp-25 [--heldout] [--bench B.json] [--json F]
         each OUT/hf/ reloaded with transformers' from_pretrained (warnings about weights counted), its
-        perplexity in PyTorch on the protocol's text beside the ONNX file's from OUT/report.json
+        perplexity in PyTorch on the protocol's text beside the ONNX file's (from OUT/report.json, or from
+        tools/bench.py's JSON)
 
     python tools/bench_prune.py cost --recipe prune-mlp-25 [--model smollm2-135m] [PASS.KEY=VALUE ...]
         the recipe's passes alone on the model (capture and calibration data prepared first, not counted):
@@ -60,6 +61,9 @@ def hf(args: argparse.Namespace) -> list[dict[str, Any]]:
             value = ev.evaluate("causal-lm", forward, tokenizer, text=text).value
             row[f"hf_{text}"] = value
         onnx = (report.get("evaluation") or {}).get("after_onnx", {}).get("value")
+        if args.bench:  # the same file's perplexity from tools/bench.py's JSON (compress run with --no-eval)
+            measured = json.loads(args.bench.read_text())["artifacts"]
+            onnx = next((r["quality"]["value"] for r in measured if Path(r["artifact"]) == out), onnx)
         row["onnx_protocol"] = onnx
         if onnx:
             row["hf_vs_onnx"] = row["hf_protocol"] / onnx - 1
@@ -103,6 +107,7 @@ def main() -> None:
     h = sub.add_parser("hf")
     h.add_argument("outs", nargs="+")
     h.add_argument("--heldout", action="store_true")
+    h.add_argument("--bench", type=Path, default=None, help="tools/bench.py's JSON, for the ONNX perplexity")
     c = sub.add_parser("cost")
     c.add_argument("--recipe", required=True)
     c.add_argument("--model", default="smollm2-135m")

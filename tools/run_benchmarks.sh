@@ -3,14 +3,7 @@
 # quantization recipe, MiniLM-L6 with W8A8, then measure all artifacts in one run of tools/bench.py.
 # Run on an otherwise idle machine: latency is measured with 2 onnxruntime threads.
 #   bash tools/run_benchmarks.sh [recipe ...]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out/bench}
-mkdir -p "$OUT"
-G=.venv/bin/graphpress
-# the held-out news text of the evaluation protocol (graphpress/evaluation.py): read from gensim's distribution
-.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gensim') is None)" \
-  || .venv/bin/pip install -q --no-deps gensim==4.4.0
+source "$(dirname "$0")/bench_env.sh"
 RECIPES=${*:-w4-awq-gptq w4-gptq w8a8-smoothquant w4-rtn w4-awq w8-rtn}
 for r in exact $RECIPES; do
   if [ ! -f "$OUT/$r/model.onnx" ]; then

@@ -248,7 +248,7 @@ class PruneLayers(Pass):
     shortlist: int = 12  # candidates per round of the loss search (the least influential blocks)
     max_batches: int = 4  # calibration batches the loss search runs (spread over them); influence uses all
     bridge: bool = True  # refit the output projection before each removed span to what the span produced
-    damp: float = 0.01
+    damp: float = 0.1  # of the bridge's least squares (0.01 overfit it to calibration text)
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.ratio is None):

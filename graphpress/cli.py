@@ -238,6 +238,11 @@ def print_summary(report: dict[str, Any], out: Path, console: Any = None) -> Non
     agree = (f"; onnxruntime vs torch program SQNR {_db(check['sqnr_db'])} dB (floor {check['floor_db']:g})"
              if check else "")
     console.print(f"wrote {out / 'model.onnx'} and report.json{agree}")
+    hf = report.get("hf") or {}
+    if hf.get("path"):
+        console.print(f"wrote {out / hf['path']}: the pruned model as a Hugging Face directory (from_pretrained)")
+    elif hf.get("skipped"):
+        console.print(f"no Hugging Face copy: {hf['skipped']}")
     target = report.get("target") or {}
     if target:
         options = ", ".join(f"{k}={v}" for k, v in target.get("options", {}).items())

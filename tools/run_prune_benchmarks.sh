@@ -16,7 +16,8 @@ for r in exact $RECIPES; do
 done
 artifacts=()
 for n in "${names[@]:1}"; do artifacts+=("$OUT/$n"); done
-.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2-prune --heldout \
+# HELDOUT= (empty) measures the protocol's text only
+.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2-prune ${HELDOUT---heldout} \
   --runs 20 --json "$OUT/bench-prune.json" --markdown BENCHMARKS.md
 .venv/bin/python tools/bench_prune.py hf "${artifacts[@]}" --bench "$OUT/bench-prune.json" --json "$OUT/prune-hf.json"
 /usr/bin/time -v .venv/bin/python tools/bench_prune.py cost --recipe prune-mlp-25 prune_mlp.importance=activation \

@@ -341,7 +341,7 @@ def _pointwise(an: Analysis, node: fx.Node, shape: tuple[int, ...]) -> torch.Ten
     return result
 
 
-def _arg(an: Analysis, a: Any, shape_of: dict) -> Any:
+def _arg(an: Analysis, a: Any) -> Any:
     """An argument of a shape op, for running it on atom ids: tensors -> ids (untagged: -1 of their shape),
     symbolic sizes -> 1."""
     if isinstance(a, fx.Node):
@@ -353,15 +353,15 @@ def _arg(an: Analysis, a: Any, shape_of: dict) -> Any:
             return val
         return 1
     if isinstance(a, (list, tuple)):
-        return type(a)(_arg(an, x, shape_of) for x in a)
+        return type(a)(_arg(an, x) for x in a)
     if isinstance(a, torch.SymInt):
         return 1
     return a
 
 
 def _shape_op(an: Analysis, node: fx.Node, shape: tuple[int, ...] | None) -> Any:
-    args = _arg(an, node.args, {})
-    kwargs = {k: _arg(an, v, {}) for k, v in node.kwargs.items()}
+    args = _arg(an, node.args)
+    kwargs = {k: _arg(an, v) for k, v in node.kwargs.items()}
     try:
         out = node.target(*args, **kwargs)
     except (RuntimeError, IndexError, ValueError):

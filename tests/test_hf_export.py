@@ -175,11 +175,14 @@ def transformers_log() -> Iterator[list[str]]:
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger("transformers")
+    level = logger.level  # another test in this process may have quieted transformers (graphpress does)
+    logger.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
         yield messages
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def reload(model_cls: type[nn.Module], path: Path) -> nn.Module:

@@ -10,12 +10,15 @@ A pass observes the inputs (and outputs, if it asks) of the linears of each bloc
 and may rewrite that block's weights in place before the stream moves on, so later blocks see the
 compressed earlier ones. In the last part a caller works on, whose outputs are dropped, only the nodes that
 the observed linears' inputs depend on run: statistics of an LLM head's input never compute its logits.
+When a caller says which weights it will rewrite before running a part again, the first run keeps the values
+at the border of what those weights reach and the second recomputes only that: a pruned MLP's down
+projection and the residual add after it, not the whole block.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,10 +108,12 @@ class BlockStream:
         """Stream every batch through the parts in order.
 
         ``on_part(part, forward)`` is called before each part's outputs are kept; ``forward(observe,
-        observe_output=None)`` runs the part over all batches (calling ``observe`` on linear inputs,
+        observe_output=None, changes=())`` runs the part over all batches (calling ``observe`` on linear inputs,
         ``observe_output`` on their outputs) and returns its outputs. ``on_part`` may
         call ``forward`` several times (observe, rewrite weights, run again); the outputs of the last call
-        flow on. If it never calls it, the stream runs the part once itself.
+        flow on. If it never calls it, the stream runs the part once itself. ``changes`` names the program
+        tensors ``on_part`` will rewrite before the next call: this run keeps what that call needs to recompute
+        only the nodes they reach (it recomputes the whole part if any other tensor of the part changed).
 
         ``weights``: the program weights the caller works on. The stream stops after the last part that reads
         one of them, and the outputs of the part it stops at are not kept: in that part only what the inputs
@@ -133,25 +138,34 @@ class BlockStream:
                 idx = [n for n in graph.nodes if n.op == "placeholder"].index(node)
                 env[node] = [b[idx] for b in self.batches]
             elif node.op == "get_attr":  # a tensor read by several parts (tied weights)
-                value = self.split
-                for attr in node.target.split("."):
-                    value = getattr(value, attr)
-                env[node] = [value] * len(self.batches)
+                env[node] = [_attr(self.split, node.target)] * len(self.batches)
             elif node.op == "call_module":
                 part = next(p for p in self.parts if f"submod_{p.index}" == node.target)
                 args = [env[a] if isinstance(a, fx.Node) else [a] * len(self.batches) for a in node.args]
                 results: list[list[Any]] = []
 
                 keep = weights is None or node.target != stop
+                replay: list[_Replay | None] = [None]
 
-                def forward(observe: Observer | None, observe_output: Observer | None = None, _part: Part = part,
-                            _args: list = args, _results: list = results, _keep: bool = keep) -> list[Any]:
+                def forward(observe: Observer | None, observe_output: Observer | None = None,
+                            changes: Iterable[str] = (), _part: Part = part, _args: list = args,
+                            _results: list = results, _keep: bool = keep, _replay: list = replay) -> list[Any]:
+                    n = len(self.batches)
+                    if not _keep and observe is None and observe_output is None:
+                        return [None] * n  # nothing would be kept or seen
                     needed = None if _keep else _needed(_part, weights or set(), observe_output is not None)
+                    given: list[dict[fx.Node, Any]] = [{}] * n
+                    previous, _replay[0] = _replay[0], None
+                    if previous is not None and observe is None and observe_output is None and previous.valid():
+                        needed, given = previous.reached, previous.values
+                    record = _Replay(_part, _args, changes, n) if changes and _keep else None
                     out = []
-                    for i in range(len(self.batches)):
-                        y = _run(_part, [a[i] for a in _args], observe, observe_output, needed)
+                    for i in range(n):
+                        y = _run(_part, [a[i] for a in _args], observe, observe_output, needed, given[i],
+                                 record.border if record else (), record.values[i] if record else None)
                         out.append(y if _keep else None)
                         del y
+                    _replay[0] = record
                     _results.append(out)
                     return out
 
@@ -169,28 +183,79 @@ class BlockStream:
                     env.pop(inp, None)
 
 
+class _Replay:
+    """What running a part again needs once the program tensors ``changes`` are rewritten: the nodes they
+    reach (recomputed) and, per batch, the values of the nodes at that set's border (kept from this run)."""
+
+    def __init__(self, part: Part, args: list[list[Any]], changes: Iterable[str], batches: int) -> None:
+        graph = part.module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        tensors = {n: _program_name(part, n) for n in graph.nodes if n.op in ("get_attr", "placeholder")}
+        tensors = {n: name for n, name in tensors.items() if name is not None}
+        changes = set(changes)
+        self.reached: set[fx.Node] = set()
+        for node in graph.nodes:  # topological order
+            if tensors.get(node) in changes or any(a in self.reached for a in node.all_input_nodes):
+                self.reached.add(node)
+        self.reached.add(next(n for n in graph.nodes if n.op == "output"))
+        self.border = {a for n in self.reached for a in n.all_input_nodes
+                       if a not in self.reached and a.op not in ("placeholder", "get_attr")}
+        self.values: list[dict[fx.Node, Any]] = [{} for _ in range(batches)]
+
+        others = [args[placeholders.index(n)][0] if n.op == "placeholder" else _attr(part.module, n.target)
+                  for n, name in tensors.items() if name not in changes]
+        self._versions = [(t, t._version) for t in others if isinstance(t, torch.Tensor)]
+
+    def valid(self) -> bool:
+        """No tensor of the part outside ``changes`` was rewritten since."""
+        return all(t._version == v for t, v in self._versions)
+
+
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for a in target.split("."):
+        value = getattr(value, a)
+    return value
+
+
+def _program_name(part: Part, node: fx.Node) -> str | None:
+    """The program-level name of a tensor node of a part (a get_attr, or a placeholder fed a program tensor)."""
+    if node.op == "get_attr":
+        return node.target
+    return part.tensors.get(node.name) if node.op == "placeholder" else None
+
+
 class _Observing(fx.Interpreter):
     """Runs a part, calling the observers around its linears; with ``needed``, nodes outside it are skipped
-    (their value is None: only reached by the dropped output)."""
+    (their value is None: only reached by the dropped output, or taken from ``given``); the values of the
+    nodes in ``border`` are kept into ``kept``."""
 
     def __init__(self, part: Part, observe: Observer | None, observe_output: Observer | None,
-                 needed: set[fx.Node] | None) -> None:
+                 needed: set[fx.Node] | None, given: dict[fx.Node, Any], border: Collection[fx.Node],
+                 kept: dict[fx.Node, Any] | None) -> None:
         super().__init__(part.module)
         self.part = part
         self.observe = observe
         self.observe_output = observe_output
         self.needed = needed
+        self.given = given
+        self.border = border
+        self.kept = kept
 
     def run_node(self, n: fx.Node) -> Any:
+        if n in self.given:
+            return self.given[n]
         linear = n.op == "call_function" and n.target is aten.linear.default
         target = weight_target(self.part, n) if linear else None
         if target is not None and self.observe is not None:
             self.observe(target, self.env[n.args[0]])
-        if self.needed is not None and n.op not in ("placeholder", "output") and n not in self.needed:
+        if self.needed is not None and n.op not in ("placeholder", "get_attr", "output") and n not in self.needed:
             return None
         out = super().run_node(n)
         if target is not None and self.observe_output is not None:
             self.observe_output(target, out)
+        if n in self.border:
+            self.kept[n] = out
         return out
 
 
@@ -211,19 +276,16 @@ def _needed(part: Part, weights: set[str], outputs: bool) -> set[fx.Node]:
 def weight_target(part: Part, linear: fx.Node) -> str | None:
     """The program-level name of a linear's weight inside a part, if it is a program tensor."""
     w = linear.args[1]
-    if not isinstance(w, fx.Node):
-        return None
-    if w.op == "get_attr":
-        return w.target
-    return part.tensors.get(w.name) if w.op == "placeholder" else None
+    return _program_name(part, w) if isinstance(w, fx.Node) else None
 
 
 def _run(part: Part, args: list[Any], observe: Observer | None, observe_output: Observer | None = None,
-         needed: set[fx.Node] | None = None) -> Any:
+         needed: set[fx.Node] | None = None, given: dict[fx.Node, Any] | None = None,
+         border: Collection[fx.Node] = (), kept: dict[fx.Node, Any] | None = None) -> Any:
     with torch.no_grad():
-        if observe is None and observe_output is None and needed is None:
+        if observe is None and observe_output is None and needed is None and not border:
             return part.module(*args)
-        return _Observing(part, observe, observe_output, needed).run(*args)
+        return _Observing(part, observe, observe_output, needed, given or {}, border, kept).run(*args)
 
 
 def linear_weights(part: Part) -> Iterator[tuple[fx.Node, str]]:

@@ -35,7 +35,7 @@ their rewritten outputs on (the outputs of the observing run flow on, computed b
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -154,11 +154,12 @@ def groups_by_input(gm: fx.GraphModule, weights: set[str]) -> list[Group]:
     return [Group(tuple(dict.fromkeys(ws))) for ws in by_input.values()]
 
 
-def observe_part(forward: Callable[..., list], groups: Sequence[Group], request: Request, batches: int
-                 ) -> dict[str, GroupStats]:
+def observe_part(forward: Callable[..., list], groups: Sequence[Group], request: Request, batches: int,
+                 changes: Iterable[str] = ()) -> dict[str, GroupStats]:
     """Run a part once through ``forward`` (BlockStream's), accumulating the Stats of ``groups``.
 
     Each group's input is read once per batch, at its first member's linear (all members read the same x).
+    ``changes``: the tensors the caller rewrites before running the part again (BlockStream.run).
     """
     per_batch = math.ceil(request.rows / max(1, batches)) if request.rows else 0
     lead_of = {w: g.lead for g in groups for w in g.weights}
@@ -182,7 +183,7 @@ def observe_part(forward: Callable[..., list], groups: Sequence[Group], request:
             outs[target] = Stats(y.shape[-1])
         outs[target].update(y, request, per_batch)
 
-    forward(observe, observe_output if request.outputs else None)
+    forward(observe, observe_output if request.outputs else None, changes)
     return found
 
 
@@ -201,7 +202,8 @@ def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]
     them and call ``on_stats(part, stats)``. Returns the leads of the groups that were observed (a group
     outside the streamed parts, or split over two parts, is not). Only one part's Stats are alive at once.
     ``rerun``: run each part again after ``on_stats``, so that what flows on is the rewritten part's output
-    (later blocks then calibrate on the compressed earlier ones; one more forward per part).
+    (later blocks then calibrate on the compressed earlier ones). ``on_stats`` should rewrite only the weights
+    of the groups it is given: the second run then recomputes only what they reach (the whole part otherwise).
     """
     by_weight = {w: g for g in groups for w in g.weights}
     done: set[str] = set()
@@ -212,7 +214,8 @@ def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]
                 if g.lead not in done and set(g.weights) <= here]
         if not mine:
             return
-        stats = observe_part(forward, mine, request, len(batches))
+        stats = observe_part(forward, mine, request, len(batches),
+                             [w for g in mine for w in g.weights] if rerun else ())
         done.update(stats)
         on_stats(part, stats)
         if rerun:

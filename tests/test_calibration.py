@@ -62,3 +62,65 @@ def test_stream_stops_after_the_last_wanted_part_and_drops_its_outputs() -> None
     stream.run(on_part, weights={"model.layers.0.mlp.down_proj.weight"})
     assert seen == ["prefix", "model.layers.0"]  # layer 1 and the head (logits) never run
     assert outputs["model.layers.0"] == [None]
+
+
+def _rerun_after_rewrite(weight: str, other: str | None = None, unseen: bool = False) -> tuple[list, list]:
+    """Stream a tiny llama, rewrite ``weight`` (and ``other``, undeclared; ``unseen``: behind the version
+    counter's back) in layer 0 between two runs declaring ``weight`` as the change; return the outputs of
+    layer 0's second run and of a full run."""
+    program = capture_tiny("llama")
+    batches = [tuple(x[i : i + 1] for x in program.example_inputs) for i in range(2)]
+    stream = BlockStream(program.gm, batches)
+    got: list = []
+
+    def on_part(part, forward) -> None:  # noqa: ANN001
+        if part.name != "model.layers.0":
+            return
+        forward(None, changes={weight})
+        with torch.no_grad():
+            for w in filter(None, (weight, other)):
+                p = program.gm.get_parameter(w)
+                (p.data if unseen and w == other else p).mul_(0.5)
+        got.extend(forward(None))
+
+    later = "model.layers.1.mlp.down_proj.weight"  # layer 0's outputs are kept only if a later part is wanted
+    stream.run(on_part, weights={weight, later})
+    stream = BlockStream(program.gm, batches)
+    full: list = []
+    stream.run(lambda part, forward: full.extend(forward(None)) if part.name == "model.layers.0" else None,
+               weights={weight, later})
+    return got, full
+
+
+def _outputs(values: list) -> list[torch.Tensor]:
+    return [t for v in values for t in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(t, torch.Tensor)]
+
+
+def test_second_run_recomputes_what_the_declared_change_reaches() -> None:
+    got, full = _rerun_after_rewrite("model.layers.0.mlp.down_proj.weight")
+    for a, b in zip(_outputs(got), _outputs(full), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_second_run_recomputes_everything_when_an_undeclared_tensor_changed() -> None:
+    got, full = _rerun_after_rewrite("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight")
+    for a, b in zip(_outputs(got), _outputs(full), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_replay_keeps_only_the_border_of_the_change() -> None:
+    from graphpress.calibration import _Replay
+
+    program = capture_tiny("llama")
+    stream = BlockStream(program.gm, [program.example_inputs])
+    part = next(p for p in stream.parts if p.name == "model.layers.0")
+    replay = _Replay(part, [[None]] * 20, {"model.layers.0.mlp.down_proj.weight"}, 1)
+    ops = sorted(str(n.target) for n in replay.reached if n.op == "call_function")
+    assert ops == ["aten.add.Tensor", "aten.linear.default"]
+    assert len(replay.border) == 2  # the down projection's input and the residual stream
+
+
+def test_second_run_reuses_the_values_the_change_does_not_reach() -> None:
+    got, full = _rerun_after_rewrite("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+                                     unseen=True)  # so the replay cannot know: its kept values are stale
+    assert not all(torch.equal(a, b) for a, b in zip(_outputs(got), _outputs(full), strict=True))

@@ -192,7 +192,7 @@ def test_observe_part_reads_a_groups_input_once_per_batch() -> None:
     calls: list[str] = []
     x = torch.randn(2, 5, 4)
 
-    def forward(observe, observe_output=None) -> list:  # noqa: ANN001
+    def forward(observe, observe_output=None, changes=()) -> list:  # noqa: ANN001
         for _ in range(3):  # three batches, each linear of the group reads x
             for w in ("k", "q", "v"):
                 calls.append(w)

@@ -83,3 +83,13 @@ class Selection:
         return any(re.search(p, module_name) for p in self.targets) and not any(
             re.search(p, module_name) for p in self.ignore
         )
+
+
+def check_amount(name: str, ratio: float | None, key: str, count: object, unit: str, ratio_meaning: str) -> None:
+    """A pruning pass takes exactly one of ``ratio`` (in (0, 1)) or ``key`` (a positive count of ``unit``)."""
+    if (ratio is None) == (count is None):
+        raise ValueError(f"{name}: give one of ratio ({ratio_meaning}) or {key} ({unit})")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"{name}: {key} must be a positive number of {unit}, not {count!r}")
+    if ratio is not None and not 0 < ratio < 1:
+        raise ValueError(f"{name}: ratio must be in (0, 1), not {ratio}")

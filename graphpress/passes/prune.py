@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from graphpress import channels, pruning
+from graphpress import channel_cut, channels, pruning
 from graphpress.calibration import Part
 from graphpress.graph import cleanup, module_name
-from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
 from graphpress.statistics import Group, GroupStats, Request, spread, stream_statistics
 
@@ -50,8 +50,6 @@ class PruneConfig(Selection, Pass):
         if self.importance not in pruning.METHODS:
             raise ValueError(f"{self.name}: importance must be one of {', '.join(pruning.METHODS)}, "
                              f"not {self.importance!r}")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise ValueError(f"{self.name}: ratio must be in [0, 1), not {self.ratio}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"{self.name}: damp must be in [0, 1), not {self.damp}")
 
@@ -97,7 +95,7 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
                if c.weight not in done}
     before = sum(p.numel() for p in gm.parameters())
     try:
-        channels.prune(an, removed)
+        channel_cut.prune(an, removed)
     except channels.ChannelError as e:
         raise PassError(f"{cfg.name}: {e}") from e
     cleanup(gm)
@@ -127,10 +125,7 @@ class PruneMLP(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.ratio is None) == (self.width is None):
-            raise ValueError("prune_mlp: give one of ratio (fraction removed) or width (neurons kept)")
-        if self.width is not None and (isinstance(self.width, bool) or self.width < 1):
-            raise ValueError(f"prune_mlp: width must be a positive number of neurons, not {self.width}")
+        check_amount(self.name, self.ratio, "width", self.width, "neurons kept", "fraction removed")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         an = channels.analyze(gm)
@@ -165,10 +160,7 @@ class PruneHeads(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.ratio is None) == (self.heads is None):
-            raise ValueError("prune_heads: give one of ratio (fraction of heads removed) or heads (heads kept)")
-        if self.heads is not None and (isinstance(self.heads, bool) or self.heads < 1):
-            raise ValueError(f"prune_heads: heads must be a positive number, not {self.heads}")
+        check_amount(self.name, self.ratio, "heads", self.heads, "heads kept", "fraction of heads removed")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         an = channels.analyze(gm)

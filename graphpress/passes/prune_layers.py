@@ -25,7 +25,7 @@ from torch import fx
 
 from graphpress.calibration import partition
 from graphpress.graph import cleanup
-from graphpress.passes.base import Pass, PassContext, PassError, PassResult
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, check_amount
 from graphpress.statistics import spread
 
 log = logging.getLogger(__name__)
@@ -251,12 +251,7 @@ class PruneLayers(Pass):
     damp: float = 0.1  # of the bridge's least squares (0.01 overfit it to calibration text)
 
     def __post_init__(self) -> None:
-        if (self.count is None) == (self.ratio is None):
-            raise ValueError("prune_layers: give one of count (blocks removed) or ratio (fraction removed)")
-        if self.count is not None and (isinstance(self.count, bool) or self.count < 1):
-            raise ValueError(f"prune_layers: count must be a positive number of blocks, not {self.count}")
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise ValueError(f"prune_layers: ratio must be in (0, 1), not {self.ratio}")
+        check_amount(self.name, self.ratio, "count", self.count, "blocks removed", "fraction removed")
         if self.importance not in METHODS:
             raise ValueError(f"prune_layers: importance must be one of {', '.join(METHODS)}, not {self.importance!r}")
         if self.shortlist < 1 or self.max_batches < 0:

@@ -87,3 +87,12 @@ def test_refusals() -> None:
         PruneMLP()
     with pytest.raises(ValueError, match="importance must be"):
         PruneMLP(ratio=0.2, importance="random")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "give one of ratio"), ({"ratio": 0.5, "width": 8}, "give one of ratio"),
+    ({"width": 0}, "width must be a positive number of neurons kept"), ({"width": True}, "positive number"),
+    ({"ratio": 0.0}, r"ratio must be in \(0, 1\)"), ({"ratio": 1.0}, r"ratio must be in \(0, 1\)")])
+def test_prune_mlp_refuses_a_bad_amount(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PruneMLP(**kwargs)

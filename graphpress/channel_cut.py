@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from graphpress.channels import EXPANDING, Analysis, ChannelError, concrete, op_name
+from graphpress.channels import EXPANDING, LAYER_NORM, Analysis, ChannelError, concrete, op_name
 from graphpress.graph import aliases, get_tensor, infer_val, set_tensor
 
 aten = torch.ops.aten
@@ -165,6 +165,9 @@ def _rewrite_constants(node: fx.Node, keeps: dict[fx.Node, _Kept]) -> None:
         start = 0 if start is None else (start + size if start < 0 else min(start, size))
         end = size if end is None else (end + size if end < 0 else min(end, size))
         node.args = (src, dim, int(k[:start].sum()), int(k[:end].sum()), *node.args[4:])
+    elif target in LAYER_NORM and isinstance(src, fx.Node) and src in keeps:  # normalized_shape: the kept sizes
+        sizes = keeps[src].sizes
+        node.args = (src, sizes[len(sizes) - len(node.args[1]):], *node.args[2:])
     elif target is aten.select.int and in_keep is not None:
         dim, index = node.args[1], node.args[2]
         k = in_keep[dim]

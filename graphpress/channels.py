@@ -56,7 +56,7 @@ _SAME = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.defa
          aten.type_as.default, aten.lift_fresh_copy.default}
 EXPANDING = {aten.expand.default, aten.repeat.default}
 _SDPA = {aten.scaled_dot_product_attention.default}
-_LAYER_NORM = {aten.layer_norm.default}
+LAYER_NORM = {aten.layer_norm.default}
 _LINEAR = aten.linear.default
 _EMBEDDING = aten.embedding.default
 _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
@@ -247,7 +247,7 @@ def _transfer(an: Analysis, node: fx.Node, names: dict[str, list[str]]) -> Any:
         return ids[index] if isinstance(ids, (list, tuple)) else None
     if target in _SDPA:
         return _attention(an, node, shape)
-    if target in _LAYER_NORM:
+    if target in LAYER_NORM:
         x = _ids(an, node.args[0])
         _pin(an, x, node.name, table="reduced")
         for p in node.args[2:4]:
@@ -484,6 +484,16 @@ def families(an: Analysis) -> list[Family]:
         fam.classes = [c for c in order if c in set(fam.classes)]
         result.append(fam)
     return result
+
+
+def stream_classes(an: Analysis) -> list[int]:
+    """The classes of the residual stream, one per channel in order: the embedding's columns (all embeddings
+    added into the stream share them). Empty when there is no embedding or its channels are tied together."""
+    for node, ids in an.ids.items():
+        if node.op == "call_function" and node.target is _EMBEDDING and isinstance(ids, torch.Tensor):
+            classes = an.classes(ids.reshape(-1, ids.shape[-1])[0]).tolist()
+            return classes if len(set(classes)) == len(classes) and min(classes) >= 0 else []
+    return []
 
 
 def head_classes(an: Analysis, site: Site, head: int) -> set[int]:

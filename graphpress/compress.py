@@ -398,12 +398,15 @@ def compress(
 
 
 def _save_hf(program: Program, config: Any, folder: Path, tokenizer: Any) -> dict[str, Any]:
-    """A pruned Hugging Face model written back as a plain directory (graphpress.hf_export); a program the
-    writer cannot express (quantized tensors, widths that differ between layers) gets the reason instead."""
+    """A pruned Hugging Face model written back as a plain directory (graphpress.hf_export), checked to give the
+    program's outputs once reloaded; a program the writer cannot express (quantized tensors, widths that
+    differ between layers, a class that computes differently at the new widths) gets the reason instead."""
     from graphpress.hf_export import program_state, save_hf
 
+    inputs = dict(zip(program.input_names, program.example_inputs, strict=True))
     try:
-        save_hf(program_state(program), config, folder, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+        save_hf(program_state(program), config, folder, tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+                expect=(inputs, program.outputs(*program.example_inputs)[0]))
     except ValueError as e:
         return {"skipped": str(e)}
     return {"path": folder.name}

@@ -7,8 +7,9 @@
 
     blocks    model.layers.{0, 1, 2, 3, 5} (4 removed)  =>  model.layers.{0..4},  num_hidden_layers = 5,
               per-layer lists (``layer_types``) keep the entries of the kept blocks
-    widths    up_proj.weight [I', H], q_proj.weight [H' * d, H], ...  =>  intermediate_size = I',
-              num_attention_heads = H', num_key_value_heads, head_dim = d written out when heads change
+    widths    up_proj.weight [I', H], q_proj.weight [H' * d, H], ...  =>  intermediate_size = I', hidden_size = H,
+              num_attention_heads = H', num_key_value_heads, head_dim = d written out when heads or the
+              hidden size change
 
 Widths are read off the shapes, not off parameter names: every tensor dimension is an affine function of the
 config's width keys (``WIDTH_KEYS``), ``size = s0 + sum_k a_k * (x_k - x0_k)``. Building the model on the
@@ -53,8 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # config keys that set a width inside every block (aliases such as GPT-2's n_head resolve through attribute_map)
-WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "num_attention_heads", "num_key_value_heads")
-HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "ffn_dim", "n_inner", "num_attention_heads", "num_key_value_heads")
+# keys whose change leaves each head's width alone only with head_dim written out
+HEAD_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads")
 # what a GGUF load leaves on the config: the weights are dequantized floats, and save_pretrained refuses it
 DROPPED_KEYS = ("quantization_config",)
 # where a class is looked for when the config names none (the first whose tensor names match wins)
@@ -91,11 +93,15 @@ def save_hf(
     config: PretrainedConfig,
     out: str | os.PathLike[str],
     tokenizer: Any = None,
+    expect: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Save ``state`` (HF names, possibly narrower, possibly without some blocks) as a Hugging Face directory.
 
     config: the original model's config (not modified). The class is ``config.architectures[0]``; the
-    weights keep their dtypes. Returns ``out``. Raises ValueError (see the module docstring) before writing.
+    weights keep their dtypes. ``expect``: inputs (by name) and the first output the saved model must give
+    for them once reloaded with ``from_pretrained`` (a class may derive something from a width that changed:
+    Gemma scales its embeddings by sqrt(hidden_size)). Returns ``out``. Raises ValueError (see the module
+    docstring) and leaves nothing behind.
     """
     out = Path(out)
     _check_free(out)
@@ -107,7 +113,7 @@ def save_hf(
     config = _with_widths(cls, config, blocks)
     model = _loaded_model(cls, config, blocks)
     log.info("save_hf: writing %s to %s", cls.__name__, out)
-    return _write(model, tokenizer, out)
+    return _write(model, tokenizer, out, expect)
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------
@@ -412,14 +418,30 @@ def _check_free(out: Path) -> None:
         raise ValueError(f"save_hf: {out} exists and is not empty; choose a new directory or remove it")
 
 
-def _write(model: nn.Module, tokenizer: Any, out: Path) -> Path:
-    """save_pretrained into a temporary sibling of ``out``, renamed to ``out`` once complete."""
+def _check_reload(cls: type[nn.Module], folder: Path, inputs: dict[str, torch.Tensor], want: torch.Tensor) -> None:
+    reloaded = cls.from_pretrained(folder).eval()
+    with torch.no_grad():
+        got = reloaded(**inputs)[0]
+    scale = float(want.abs().max()) or 1.0
+    err = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("inf")
+    if err > 1e-3 * scale:
+        raise ValueError(f"save_hf: {cls.__name__} reloaded from the corrected config does not compute what the "
+                         f"program computes (largest difference {err:.3g} of {scale:.3g}): the class derives "
+                         "something from a width that changed (Gemma scales its embeddings by sqrt(hidden_size))")
+
+
+def _write(model: nn.Module, tokenizer: Any, out: Path,
+           expect: tuple[dict[str, torch.Tensor], torch.Tensor] | None) -> Path:
+    """save_pretrained into a temporary sibling of ``out``, checked against ``expect`` once reloaded, renamed
+    to ``out`` once complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if expect is not None:
+            _check_reload(type(model), tmp, *expect)
         _check_free(out)
         if out.exists():
             out.rmdir()

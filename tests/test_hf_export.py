@@ -448,3 +448,42 @@ def test_smollm2_from_gguf(tmp_path: Path) -> None:
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def _hidden_pruned(arch: str, *passes: str) -> tuple[nn.Module, object, tuple[dict, torch.Tensor]]:
+    """The tiny ``arch`` model, its program after ``passes`` and prune_hidden to 48 channels, and what the
+    saved model must compute (inputs, the program's output)."""
+    model = model_of(arch)
+    program = capture(model, {"input_ids": torch.randint(0, VOCAB, (2, 11))})
+    calib = [(torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    out, _ = run_pipeline(program, [*(PASSES[p]() for p in passes), PASSES["prune_hidden"](width=48)],
+                          calibration=calib)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    return model, out, ({"input_ids": ids}, out.outputs(ids)[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_pruned_hidden_size(arch: str, tmp_path: Path) -> None:
+    """prune_hidden's program written back: hidden_size 64 -> 48 with head_dim written out (the heads keep
+    their width), reloaded without warnings, the same outputs as the program."""
+    model, out, expect = _hidden_pruned(arch)
+    loaded = reload(type(model), save_hf(program_state(out), model.config, tmp_path / "hf", expect=expect))
+    assert (loaded.config.hidden_size, loaded.config.head_dim) == (48, HEAD_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**expect[0])[0], expect[1], atol=1e-5, rtol=0)
+
+
+def test_refuses_a_class_that_computes_differently_at_the_new_width(tmp_path: Path) -> None:
+    """Gemma multiplies its embeddings by sqrt(hidden_size): at 48 channels the reloaded model differs."""
+    model, out, expect = _hidden_pruned("gemma")
+    with pytest.raises(ValueError, match="does not compute what the program computes"):
+        save_hf(program_state(out), model.config, tmp_path / "hf", expect=expect)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_hidden_size_the_config_cannot_express(tmp_path: Path) -> None:
+    """GPT-2's heads are hidden_size / heads wide: a narrower stream with heads of 16 has no config."""
+    model, out, _ = _hidden_pruned("gpt2", "linearize_matmuls")
+    with pytest.raises(ValueError, match="gives n_embd=48 but transformer.h.0.attn.c_attn.bias gives 64"):
+        save_hf(program_state(out), model.config, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

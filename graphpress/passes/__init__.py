@@ -14,7 +14,7 @@ from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.linearize import LinearizeMatmuls
 from graphpress.passes.merge_siblings import MergeSiblingLinears
-from graphpress.passes.prune import PruneHeads, PruneMLP
+from graphpress.passes.prune import PruneHeads, PruneHidden, PruneMLP
 from graphpress.passes.prune_layers import PruneLayers
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
@@ -29,6 +29,7 @@ PASSES: dict[str, type[Pass]] = {
     "fold_norm_scales": FoldNormScales,
     "merge_sibling_linears": MergeSiblingLinears,
     "prune_mlp": PruneMLP,
+    "prune_hidden": PruneHidden,
     "prune_heads": PruneHeads,
     "prune_layers": PruneLayers,
     "rtn": QuantizeRTN,

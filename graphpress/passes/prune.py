@@ -25,10 +25,10 @@ from torch import fx
 
 from graphpress import channel_cut, channels, pruning
 from graphpress.calibration import Part
-from graphpress.graph import cleanup, module_name
+from graphpress.graph import aliases, cleanup, module_name
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
-from graphpress.statistics import Group, GroupStats, Request, spread, stream_statistics
+from graphpress.statistics import Group, GroupStats, Request, groups_by_input, spread, stream_statistics
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,91 @@ class PruneHeads(PruneConfig):
         return _Consumer(node.args[1].target, _columns(an, node, heads), list(site.group), quota, heads)
 
 
+@dataclass(frozen=True)
+class PruneHidden(PruneConfig):
+    """Remove channels of the residual stream (the hidden size): ``ratio`` of them, or down to ``width``.
+
+    The stream's channels are the embedding's columns: every block reads and writes them (residual adds tie
+    them across layers), so one choice holds for all layers. Importance ``activation`` (Minitron) sums, over
+    every linear that reads the stream (after its norm), the root mean square of each channel;
+    ``magnitude`` sums the norms of their columns. With ``correct``, each of those linears' kept columns are
+    refit by least squares to its calibration inputs (weights tied to the embedding are only sliced).
+    Norms over the stream then normalize over the kept channels (as Minitron's pruned models do).
+    """
+
+    name: ClassVar[str] = "prune_hidden"
+    importance: str = "activation"
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_amount(self.name, self.ratio, "width", self.width, "channels kept", "fraction removed")
+        if self.importance == "obs":
+            raise ValueError("prune_hidden: importance obs ranks one layer's columns, but hidden channels are "
+                             "shared by every layer: use activation or magnitude")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        an = channels.analyze(gm)
+        hidden = channels.stream_classes(an)
+        if not hidden:
+            raise PassError("prune_hidden: found no embedding whose columns form the residual stream")
+        n = len(hidden)
+        keep = self.width if self.width is not None else n - round(n * self.ratio)
+        if not 1 <= keep <= n:
+            raise PassError(f"prune_hidden: width {keep} must be between 1 and the {n} hidden channels")
+        why = an.why_fixed(set(hidden))
+        if why is not None:
+            raise PassError(f"prune_hidden: the hidden channels cannot be removed: {why} needs them")
+        if not ctx.calibration:
+            raise PassError("prune_hidden needs calibration data: set `calibration:` in the recipe or pass batches")
+        readers = {node: w for node, (w, cols, _) in an.linears.items() if an.class_set(cols) & set(hidden)}
+        names = aliases(gm)
+        tied = {w for w in readers.values() if len(names.get(w, [w])) > 1}
+        groups = groups_by_input(gm, set(readers.values()))
+        found: dict[str, tuple[torch.Tensor, int]] = {}  # group lead -> (X^T X, rows)
+
+        def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
+            for lead, st in stats.items():
+                found[lead] = (st.inputs.xtx.float(), st.inputs.count)
+
+        batches = spread(ctx.calibration, self.max_batches)
+        stream_statistics(gm, batches, groups, Request(xtx=True), on_stats)
+        by_lead = {g.lead: g for g in groups}
+        columns = {w: an.classes(an.linears[node][1]) for node, w in readers.items()}
+        position = {c: i for i, c in enumerate(hidden)}
+        score = torch.zeros(n, dtype=torch.float64)
+        for lead, (xtx, rows) in found.items():
+            for w in by_lead[lead].weights if self.importance == "magnitude" else [lead]:
+                cols = columns[w]
+                part = (gm.get_parameter(w).detach().double().norm(dim=0) if self.importance == "magnitude"
+                        else (torch.diag(xtx).double().clamp_min(0) / max(rows, 1)).sqrt())
+                for j, c in enumerate(cols.tolist()):
+                    if c in position:
+                        score[position[c]] += part[j]
+        removed = {hidden[i] for i in torch.argsort(score)[: n - keep].tolist()}
+        if self.correct:
+            for lead, (xtx, _) in found.items():
+                for w in by_lead[lead].weights:
+                    if w in tied:
+                        continue
+                    weight = gm.get_parameter(w)
+                    kept = torch.tensor([c not in removed for c in columns[w].tolist()])
+                    new = weight.detach().double().clone()
+                    new[:, kept] = pruning.refit(weight.detach(), xtx, kept, self.damp)
+                    with torch.no_grad():
+                        weight.copy_(new.to(weight.dtype))
+        before = sum(p.numel() for p in gm.parameters())
+        try:
+            channel_cut.prune(an, removed)
+        except channels.ChannelError as e:
+            raise PassError(f"{self.name}: {e}") from e
+        cleanup(gm)
+        after = sum(p.numel() for p in gm.parameters())
+        return PassResult(gm, True, {"hidden": f"{n} -> {keep}", "parameters_removed": before - after,
+                                     "refit": sorted(set(readers.values()) - tied) if self.correct else [],
+                                     "calibration_batches": len(batches)})
+
+
 def _consumer_of(an: channels.Analysis, site: channels.Site) -> fx.Node | None:
     """The linear that reads the attention's output (o_proj)."""
     out = an.class_set(site.out)
@@ -221,4 +306,4 @@ def _consumer_of(an: channels.Analysis, site: channels.Site) -> fx.Node | None:
     return None
 
 
-__all__ = ["PruneHeads", "PruneMLP"]
+__all__ = ["PruneHeads", "PruneHidden", "PruneMLP"]

@@ -1,4 +1,4 @@
-"""prune_mlp and prune_heads on tiny random models: widths, grouped-query attention, calibration use,
+"""prune_mlp, prune_heads and prune_hidden on tiny random models: widths, grouped-query attention, calibration use,
 the export of the smaller program, and every refusal."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from graphpress.metrics import sqnr
-from graphpress.passes.prune import PruneHeads, PruneMLP
+from graphpress.passes.prune import PruneHeads, PruneHidden, PruneMLP
 from graphpress.runner import PipelineError, run_pipeline
 from tests.conftest import capture_tiny
 
@@ -96,3 +96,41 @@ def test_refusals() -> None:
 def test_prune_mlp_refuses_a_bad_amount(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PruneMLP(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "opt"])
+def test_prune_hidden_shrinks_the_stream_of_every_layer(arch: str) -> None:
+    """Embedding columns, norms, the rows every block writes and the columns every linear reads go together;
+    the refit of the readers' kept columns helps on Llama-like models (tiny random models, random tokens)."""
+    from tests.test_channels import _program
+
+    model, program = _program(arch)  # hidden 64
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randint(0, 300, (2, 12), generator=g),) for _ in range(4)]
+    ref = torch.cat([program.outputs(*b)[0] for b in calib])
+    quality = {}
+    for correct in (False, True):
+        out, records = run_pipeline(program, [PruneHidden(width=48, correct=correct)], calibration=calib)
+        quality[correct] = sqnr(ref, torch.cat([out.outputs(*b)[0] for b in calib]))
+        assert records[0].stats["hidden"] == "64 -> 48"
+    tables = [n.args[0] for n in out.gm.graph.nodes if n.op == "call_function" and "embedding" in str(n.target)]
+    assert tables and {out.gm.get_parameter(t.target).shape[-1] for t in tables} == {48}
+    assert all(48 in p.shape for n, p in out.gm.named_parameters() if "norm" in n or "ln" in n)
+    assert quality[False] > 3, quality
+    if arch in ("llama", "phi3"):
+        assert quality[True] > quality[False] + 2, quality
+
+
+def test_prune_hidden_refusals() -> None:
+    from tests.test_channels import _program
+
+    calib = _calibration()
+    with pytest.raises(PipelineError, match="layer_norm_4 \\(a program output\\) needs them"):
+        run_pipeline(_program("bert")[1], [PruneHidden(width=48)], calibration=calib)  # its output is the stream
+    program = capture_tiny("llama")
+    with pytest.raises(PipelineError, match="between 1 and the 64 hidden channels"):
+        run_pipeline(program, [PruneHidden(width=65)], calibration=calib)
+    with pytest.raises(PipelineError, match="found no embedding"):
+        run_pipeline(capture_tiny("convnet"), [PruneHidden(ratio=0.5)], calibration=[(torch.randn(2, 3, 16, 16),)])
+    with pytest.raises(ValueError, match="shared by every layer: use activation or magnitude"):
+        PruneHidden(ratio=0.5, importance="obs")

@@ -481,7 +481,8 @@ def families(an: Analysis) -> list[Family]:
     for fam in by_key.values():
         node = fam.consumer_nodes[0]
         order = an.classes(an.linears[node][1]).tolist()
-        fam.classes = [c for c in order if c in set(fam.classes)]
+        members = set(fam.classes)
+        fam.classes = [c for c in order if c in members]
         result.append(fam)
     return result
 

@@ -79,8 +79,7 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
             c = by_weight[weight]
             w = gm.get_parameter(weight)
             gone, new = pruning.select(w.detach(), c.units, c.quota, c.groups, method=cfg.importance,
-                                       H=st.inputs.xtx, mean_abs=st.inputs.mean_abs, correct=cfg.correct,
-                                       damp=cfg.damp)
+                                       H=st.inputs.xtx, correct=cfg.correct, damp=cfg.damp)
             with torch.no_grad():  # later blocks calibrate on this one pruned (removed columns are zero)
                 w.copy_(new)
             for u in gone:
@@ -89,8 +88,9 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
         log.info("%s: %s", cfg.name, part.name)
 
     batches = spread(ctx.calibration, cfg.max_batches)
-    stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], Request(xtx=True, mean_abs=True),
-                      on_stats, rerun=cfg.sequential)
+    # X^T X for the refit and every importance but magnitude (activation reads its diagonal)
+    request = Request(xtx=cfg.correct or cfg.importance != "magnitude")
+    stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], request, on_stats, rerun=cfg.sequential)
     skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
                if c.weight not in done}
     before = sum(p.numel() for p in gm.parameters())
@@ -111,9 +111,10 @@ def _selected(gm: fx.GraphModule, cfg: Selection, weight_nodes: list[fx.Node]) -
 
 def _columns(an: channels.Analysis, node: fx.Node, classes: list[set[int]]) -> list[torch.Tensor]:
     """For each set of classes, the consumer's columns that carry them."""
-    col_classes = an.classes(an.linears[node][1])
-    return [torch.tensor([j for j, c in enumerate(col_classes.tolist()) if c in cs], dtype=torch.long)
-            for cs in classes]
+    where: dict[int, list[int]] = {}
+    for j, c in enumerate(an.classes(an.linears[node][1]).tolist()):
+        where.setdefault(c, []).append(j)
+    return [torch.tensor(sorted(j for c in cs for j in where.get(c, ())), dtype=torch.long) for cs in classes]
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,13 @@ def test_prune_hidden_refusals() -> None:
         run_pipeline(capture_tiny("convnet"), [PruneHidden(ratio=0.5)], calibration=[(torch.randn(2, 3, 16, 16),)])
     with pytest.raises(ValueError, match="shared by every layer: use activation or magnitude"):
         PruneHidden(ratio=0.5, importance="obs")
+
+
+def test_per_layer_widths_through_targets() -> None:
+    """Uniform by default; per layer on request: one pass per set of layers, chosen by module name."""
+    program = capture_tiny("llama")
+    passes = [PruneMLP(width=80, targets=(r"layers\.0\.",)), PruneMLP(width=48, targets=(r"layers\.1\.",))]
+    out, records = run_pipeline(program, passes, calibration=_calibration())
+    assert _shapes(out, "down_proj") == [(64, 80), (64, 48)]
+    assert [r.stats["pruned_layers"] for r in records] == [1, 1]
+    assert out(*_calibration()[0]).isfinite().all()

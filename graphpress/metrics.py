@@ -44,3 +44,9 @@ def compare_outputs(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor], na
     merged = {"max_abs": max(e["max_abs"] for e in errors), "max_rel": errors[worst]["max_rel"],
               "sqnr_db": min(e["sqnr_db"] for e in errors)}
     return merged, names[worst] if worst < len(names) else str(worst)
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a causal LM's logits [B, T, V] against the next token of ``ids`` [B, T]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             ids[:, 1:].reshape(-1), reduction=reduction)

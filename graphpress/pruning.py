@@ -17,6 +17,7 @@ structured OBS of ZipLM / SparseGPT for whole columns). The other importances ra
 
     activation   mean |x_j| over calibration tokens (Minitron), a head by the root of its columns' x^2 sums
     magnitude    ||W_:,j||, a head by its columns' norm
+    taylor       first-order Taylor (given: the caller sums |w * dL/dw| over every weight a unit owns)
 
 Quotas: ``groups[u]`` names the group of unit u and ``quota[g]`` how many of its units go (query heads of one
 key/value group removed evenly). Everything runs in float64.
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-METHODS = ("obs", "activation", "magnitude")
+METHODS = ("obs", "activation", "magnitude", "taylor")
 
 
 def _damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -70,8 +71,10 @@ def refit(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float = 0.
 
 def select(W: torch.Tensor, units: Sequence[torch.Tensor], quota: dict[int, int], groups: Sequence[int],
            method: str = "obs", H: torch.Tensor | None = None, mean_abs: torch.Tensor | None = None,
-           correct: bool = True, damp: float = 0.01) -> tuple[list[int], torch.Tensor]:
-    """Remove ``quota[g]`` units of each group g from the consumer weight W [N, K].
+           correct: bool = True, damp: float = 0.01, given: torch.Tensor | None = None
+           ) -> tuple[list[int], torch.Tensor]:
+    """Remove ``quota[g]`` units of each group g from the consumer weight W [N, K] (``given``: one score per
+    unit, for "taylor").
 
     Returns the removed units' indices (into ``units``) and the new full-width W [N, K] with the removed
     columns zero and, with ``correct`` (always for "obs"), the kept ones refit to H.
@@ -87,7 +90,9 @@ def select(W: torch.Tensor, units: Sequence[torch.Tensor], quota: dict[int, int]
         if H is None:
             raise ValueError("obs importance needs X^T X of the consumer's input")
         return _obs(W, units, left, groups, H, damp)
-    s = scores(method, W, units, mean_abs=mean_abs, H=H)
+    if method == "taylor" and (given is None or len(given) != len(units)):
+        raise ValueError("taylor importance needs one given score per unit")
+    s = given if method == "taylor" else scores(method, W, units, mean_abs=mean_abs, H=H)
     removed: list[int] = []
     for u in torch.argsort(s).tolist():  # least important first
         if left.get(groups[u], 0) > 0:

@@ -17,6 +17,7 @@ on the pruned earlier ones; the graph is cut once at the end. Widths are uniform
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,7 +26,8 @@ from torch import fx
 
 from graphpress import channel_cut, channels, pruning
 from graphpress.calibration import Part
-from graphpress.graph import aliases, cleanup, module_name
+from graphpress.graph import aliases, cleanup, get_tensor, module_name
+from graphpress.metrics import next_token_loss
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
 from graphpress.statistics import Group, GroupStats, Request, groups_by_input, spread, stream_statistics
@@ -39,7 +41,7 @@ class PruneConfig(Selection, Pass):
     structural: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     ratio: float | None = None  # fraction of the units removed
-    importance: str = "obs"  # graphpress.pruning.METHODS
+    importance: str = "obs"  # graphpress.pruning.METHODS (taylor: gradients of the calibration loss, LMs only)
     correct: bool = True  # refit the consumer's kept columns by least squares (always with "obs")
     damp: float = 0.01
     max_batches: int = 0  # calibration batches to use (0: all), spread over them
@@ -73,13 +75,16 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
     by_weight = {c.weight: c for c in consumers}
     removed: set[int] = set()
     done: set[str] = set()
+    batches = spread(ctx.calibration, cfg.max_batches)
+    taylor = taylor_classes(gm, an, batches, cfg.name) if cfg.importance == "taylor" else {}
 
     def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
         for weight, st in stats.items():
             c = by_weight[weight]
             w = gm.get_parameter(weight)
+            given = torch.tensor([sum(taylor.get(k, 0.0) for k in cs) for cs in c.classes]) if taylor else None
             gone, new = pruning.select(w.detach(), c.units, c.quota, c.groups, method=cfg.importance,
-                                       H=st.inputs.xtx, correct=cfg.correct, damp=cfg.damp)
+                                       H=st.inputs.xtx, correct=cfg.correct, damp=cfg.damp, given=given)
             with torch.no_grad():  # later blocks calibrate on this one pruned (removed columns are zero)
                 w.copy_(new)
             for u in gone:
@@ -87,9 +92,8 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
             done.add(weight)
         log.info("%s: %s", cfg.name, part.name)
 
-    batches = spread(ctx.calibration, cfg.max_batches)
     # X^T X for the refit and every importance but magnitude (activation reads its diagonal)
-    request = Request(xtx=cfg.correct or cfg.importance != "magnitude")
+    request = Request(xtx=cfg.correct or cfg.importance in ("obs", "activation"))
     stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], request, on_stats, rerun=cfg.sequential)
     skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
                if c.weight not in done}
@@ -102,6 +106,50 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
     after = sum(p.numel() for p in gm.parameters())
     return PassResult(gm, True, {"pruned_layers": len(done), "parameters_removed": before - after,
                                  "skipped": skipped, "calibration_batches": len(batches)})
+
+
+def taylor_classes(gm: fx.GraphModule, an: channels.Analysis, batches: list[tuple[torch.Tensor, ...]],
+                   name: str) -> dict[int, float]:
+    """First-order Taylor importance of every class (Molchanov et al.; Torch-Pruning's group Taylor): the sum,
+    over every parameter entry that carries the class, of |w * dL/dw|, L the next-token loss of a causal
+    language model (token ids in, logits out) on the calibration batches."""
+    params = dict(gm.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    training = gm.training
+    try:
+        torch.nn.Module.train(gm, True)
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for batch in batches:
+                out = gm(*batch)
+                logits, ids = (out[0] if isinstance(out, (tuple, list)) else out), batch[0]
+                if (logits.dim() != 3 or ids.dim() != 2 or ids.is_floating_point() or logits.shape[:2] != ids.shape
+                        or int(ids.max()) >= logits.shape[-1]):
+                    raise PassError(f"{name}: taylor importance needs a language model (token ids in, logits "
+                                    "out) for its next-token loss: use activation importance")
+                next_token_loss(logits, ids).backward()
+        products = {id(p): (p.detach() * p.grad).abs() for p in params.values() if p.grad is not None}
+    finally:
+        for n, p in params.items():
+            p.grad = None
+            p.requires_grad_(flags[n])
+        torch.nn.Module.train(gm, training)
+    score: dict[int, float] = defaultdict(float)
+    for pname, dims in an.params.items():
+        prod = products.get(id(get_tensor(gm, _first_node(gm, pname))))
+        for dim, ids in dims.items():
+            if prod is None:
+                continue
+            per = prod.movedim(dim, 0).reshape(prod.shape[dim], -1).sum(1, dtype=torch.float64)
+            for c, v in zip(an.classes(ids).tolist(), per.tolist(), strict=True):
+                score[c] += v
+    return dict(score)
+
+
+def _first_node(gm: fx.GraphModule, target: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
 def _selected(gm: fx.GraphModule, cfg: Selection, weight_nodes: list[fx.Node]) -> bool:
@@ -220,7 +268,8 @@ class PruneHidden(PruneConfig):
     The stream's channels are the embedding's columns: every block reads and writes them (residual adds tie
     them across layers), so one choice holds for all layers. Importance ``activation`` (Minitron) sums, over
     every linear that reads the stream (after its norm), the root mean square of each channel;
-    ``magnitude`` sums the norms of their columns. With ``correct``, each of those linears' kept columns are
+    ``magnitude`` sums the norms of their columns; ``taylor`` sums |w * dL/dw| over every weight entry of the
+    channel. With ``correct``, each of those linears' kept columns are
     refit by least squares to its calibration inputs (weights tied to the embedding are only sliced).
     Norms over the stream then normalize over the kept channels (as Minitron's pruned models do).
     """
@@ -261,19 +310,21 @@ class PruneHidden(PruneConfig):
                 found[lead] = (st.inputs.xtx.float(), st.inputs.count)
 
         batches = spread(ctx.calibration, self.max_batches)
-        stream_statistics(gm, batches, groups, Request(xtx=True), on_stats)
+        if self.correct or self.importance != "taylor":
+            stream_statistics(gm, batches, groups, Request(xtx=True), on_stats)
         by_lead = {g.lead: g for g in groups}
         columns = {w: an.classes(an.linears[node][1]) for node, w in readers.items()}
-        position = {c: i for i, c in enumerate(hidden)}
-        score = torch.zeros(n, dtype=torch.float64)
-        for lead, (xtx, rows) in found.items():
-            for w in by_lead[lead].weights if self.importance == "magnitude" else [lead]:
-                cols = columns[w]
-                part = (gm.get_parameter(w).detach().double().norm(dim=0) if self.importance == "magnitude"
-                        else (torch.diag(xtx).double().clamp_min(0) / max(rows, 1)).sqrt())
-                for j, c in enumerate(cols.tolist()):
-                    if c in position:
-                        score[position[c]] += part[j]
+        if self.importance == "taylor":
+            per_class = taylor_classes(gm, an, batches, self.name)
+        else:
+            per_class = defaultdict(float)
+            for lead, (xtx, rows) in found.items():
+                for w in by_lead[lead].weights if self.importance == "magnitude" else [lead]:  # one input, once
+                    part = (gm.get_parameter(w).detach().double().norm(dim=0) if self.importance == "magnitude"
+                            else (torch.diag(xtx).double().clamp_min(0) / max(rows, 1)).sqrt())
+                    for c, v in zip(columns[w].tolist(), part.tolist(), strict=True):
+                        per_class[c] += v
+        score = torch.tensor([per_class.get(c, 0.0) for c in hidden], dtype=torch.float64)
         removed = {hidden[i] for i in torch.argsort(score)[: n - keep].tolist()}
         if self.correct:
             for lead, (xtx, _) in found.items():

@@ -25,6 +25,7 @@ from torch import fx
 
 from graphpress.calibration import partition
 from graphpress.graph import cleanup
+from graphpress.metrics import next_token_loss
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, check_amount
 from graphpress.statistics import spread
 
@@ -227,9 +228,7 @@ def calibration_loss(gm: fx.GraphModule, all_blocks: list[Block], skip: set[int]
             out = _Skipping(gm, all_blocks, skip).run(*batch)
             logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
             ids = batch[0]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1), reduction="sum")
-            total += float(loss)
+            total += float(next_token_loss(logits, ids, reduction="sum"))
             count += ids[:, 1:].numel()
     return total / max(count, 1)
 

@@ -144,3 +144,32 @@ def test_per_layer_widths_through_targets() -> None:
     assert _shapes(out, "down_proj") == [(64, 80), (64, 48)]
     assert [r.stats["pruned_layers"] for r in records] == [1, 1]
     assert out(*_calibration()[0]).isfinite().all()
+
+
+def test_taylor_importance_from_the_next_token_loss() -> None:
+    """Gradients of the calibration loss rank the units; the program's parameters are left as they were."""
+    program = capture_tiny("llama")
+    calib = _calibration()
+    ref = torch.cat([program(*b) for b in calib])
+    flags = [p.requires_grad for p in program.gm.parameters()]
+    out, _ = run_pipeline(program, [PruneMLP(ratio=0.5, importance="taylor", correct=False)], calibration=calib)
+    assert [p.requires_grad for p in program.gm.parameters()] == flags
+    assert all(p.grad is None for p in program.gm.parameters())
+    taylor = sqnr(ref, torch.cat([out(*b) for b in calib]))
+    out, _ = run_pipeline(program, [PruneMLP(ratio=0.5, importance="magnitude", correct=False)], calibration=calib)
+    assert taylor > sqnr(ref, torch.cat([out(*b) for b in calib]))  # the loss knows more than the weights
+    out, _ = run_pipeline(program, [PruneHeads(heads=2, importance="taylor")], calibration=calib)
+    assert out(*calib[0]).isfinite().all()
+
+
+def test_taylor_importance_refuses_a_model_without_logits() -> None:
+    from tests.test_channels import _program
+
+    with pytest.raises(PipelineError, match="taylor importance needs a language model"):
+        run_pipeline(_program("bert")[1], [PruneMLP(ratio=0.5, importance="taylor")], calibration=_calibration())
+
+
+def test_prune_hidden_with_taylor_importance() -> None:
+    program = capture_tiny("llama")
+    out, records = run_pipeline(program, [PruneHidden(width=48, importance="taylor")], calibration=_calibration())
+    assert records[0].stats["hidden"] == "64 -> 48" and out(*_calibration()[0]).isfinite().all()

@@ -183,6 +183,29 @@ class BlockStream:
                     env.pop(inp, None)
 
 
+def stack_batches(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], k: int
+                  ) -> list[tuple[torch.Tensor, ...]]:
+    """Consecutive batches of the same shapes concatenated ``k`` at a time along the batch dimension: fewer,
+    larger forwards (a SmolLM2 block on 2 x 512 tokens costs 15 % less per token than on 1 x 512 on a 2-core
+    CPU, its X^T X a third less). Statistics over rows are the same up to rounding. Only where every input's
+    first dimension is the program's batch dimension (the same symbolic size); otherwise ``batches`` as given.
+    """
+    firsts = {str(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
+              else None for v in (n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder"))}
+    if k <= 1 or len(firsts) != 1 or None in firsts:
+        return list(batches)
+    out: list[tuple[torch.Tensor, ...]] = []
+    run: list[tuple[torch.Tensor, ...]] = []
+    for batch in [*batches, None]:
+        same = batch is not None and run and [t.shape for t in batch] == [t.shape for t in run[0]]
+        if run and (not same or len(run) == k):
+            out.append(tuple(torch.cat(ts) for ts in zip(*run, strict=True)) if len(run) > 1 else run[0])
+            run = []
+        if batch is not None:
+            run.append(batch)
+    return out
+
+
 class _Replay:
     """What running a part again needs once the program tensors ``changes`` are rewritten: the nodes they
     reach (recomputed) and, per batch, the values of the nodes at that set's border (kept from this run)."""

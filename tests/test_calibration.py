@@ -124,3 +124,16 @@ def test_second_run_reuses_the_values_the_change_does_not_reach() -> None:
     got, full = _rerun_after_rewrite("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
                                      unseen=True)  # so the replay cannot know: its kept values are stale
     assert not all(torch.equal(a, b) for a, b in zip(_outputs(got), _outputs(full), strict=True))
+
+
+def test_stack_batches_concatenates_consecutive_batches_of_one_shape() -> None:
+    from graphpress.calibration import stack_batches
+
+    program = capture_tiny("llama")
+    b = [(torch.full((1, 8), i),) for i in range(5)] + [(torch.zeros(1, 4, dtype=torch.long),)]
+    stacked = stack_batches(program.gm, b, 2)
+    assert [tuple(x[0].shape) for x in stacked] == [(2, 8), (2, 8), (1, 8), (1, 4)]
+    assert stacked[1][0][:, 0].tolist() == [2, 3]
+    assert stack_batches(program.gm, b, 1) == b
+    traced = torch.fx.symbolic_trace(torch.nn.Linear(8, 8))  # no symbolic batch dimension known: left alone
+    assert stack_batches(traced, b, 2) == b

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from graphpress import channel_cut, channels, pruning
-from graphpress.calibration import Part
+from graphpress.calibration import Part, stack_batches
 from graphpress.graph import aliases, cleanup, get_tensor, module_name
 from graphpress.metrics import next_token_loss
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
@@ -77,6 +77,7 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
     done: set[str] = set()
     batches = spread(ctx.calibration, cfg.max_batches)
     taylor = taylor_classes(gm, an, batches, cfg.name) if cfg.importance == "taylor" else {}
+    streamed = stack_batches(gm, batches, 2)
 
     def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
         for weight, st in stats.items():
@@ -94,7 +95,7 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
 
     # X^T X for the refit and every importance but magnitude (activation reads its diagonal)
     request = Request(xtx=cfg.correct or cfg.importance in ("obs", "activation"))
-    stream_statistics(gm, batches, [Group((c.weight,)) for c in consumers], request, on_stats, rerun=cfg.sequential)
+    stream_statistics(gm, streamed, [Group((c.weight,)) for c in consumers], request, on_stats, rerun=cfg.sequential)
     skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
                if c.weight not in done}
     before = sum(p.numel() for p in gm.parameters())

@@ -217,8 +217,9 @@ def solve_widths(equations: list[Equation], x0: Mapping[str, int]) -> dict[str, 
                                  "gives")
             if key in found and found[key][0] != value:
                 raise ValueError(f"save_hf: {found[key][1]} gives {key}={found[key][0]} but {eq.name} gives "
-                                 f"{value}; a Hugging Face config holds one {key} for every layer: prune them "
-                                 "alike")
+                                 f"{value}: no setting of {key} gives both (a Hugging Face config holds one "
+                                 f"{key} for every layer, and the class may tie it to another width: GPT-2's "
+                                 "heads are hidden_size / heads wide)")
             found.setdefault(key, (value, eq.name))
         if not found:
             return {k: int(v) for k, v in known.items()}

@@ -262,7 +262,7 @@ def test_pruned_key_value_group(arch: str, tmp_path: Path) -> None:
 def test_refuses_heads_the_config_cannot_express(arch: str, tmp_path: Path) -> None:
     model = model_of(arch)
     keep = keep_for(arch, q_heads=[0, 2, 3], kv_heads=[0, 2, 3])
-    with pytest.raises(ValueError, match=rf"{PRUNE[arch][0]}\.0\..* has shape .* no setting of"):
+    with pytest.raises(ValueError, match=rf"{PRUNE[arch][0]}\.0\..* no setting of"):
         save_hf(pruned(arch, model.state_dict(), keep), model.config, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
 
@@ -274,7 +274,7 @@ def test_refuses_widths_that_differ_between_layers(tmp_path: Path) -> None:
     for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
         state[f"model.layers.2.{name}"] = full[f"model.layers.2.{name}"]
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\..* gives intermediate_size=96 but "
-                                         r"model\.layers\.2\.mlp\..* gives 128; .* one intermediate_size"):
+                                         r"model\.layers\.2\.mlp\..* gives 128: .* one intermediate_size"):
         save_hf(state, model.config, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
 

@@ -95,17 +95,11 @@ def _prune(gm: fx.GraphModule, ctx: PassContext, cfg: PruneConfig, consumers: li
 
     # X^T X for the refit and every importance but magnitude (activation reads its diagonal)
     request = Request(xtx=cfg.correct or cfg.importance in ("obs", "activation"))
-    stream_statistics(gm, streamed, [Group((c.weight,)) for c in consumers], request, on_stats, rerun=cfg.sequential)
+    stream_statistics(gm, streamed, [Group((c.weight,)) for c in consumers], request, on_stats,
+                      rerun=cfg.sequential)
     skipped = {module_name(c.weight): "not reached by the calibration stream" for c in consumers
                if c.weight not in done}
-    before = sum(p.numel() for p in gm.parameters())
-    try:
-        channel_cut.prune(an, removed)
-    except channels.ChannelError as e:
-        raise PassError(f"{cfg.name}: {e}") from e
-    cleanup(gm)
-    after = sum(p.numel() for p in gm.parameters())
-    return PassResult(gm, True, {"pruned_layers": len(done), "parameters_removed": before - after,
+    return PassResult(gm, True, {"pruned_layers": len(done), "parameters_removed": _cut(gm, an, removed, cfg.name),
                                  "skipped": skipped, "calibration_batches": len(batches)})
 
 
@@ -284,7 +278,7 @@ class PruneHidden(PruneConfig):
         check_amount(self.name, self.ratio, "width", self.width, "channels kept", "fraction removed")
         if self.importance == "obs":
             raise ValueError("prune_hidden: importance obs ranks one layer's columns, but hidden channels are "
-                             "shared by every layer: use activation or magnitude")
+                             "shared by every layer: use activation, magnitude or taylor")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         an = channels.analyze(gm)
@@ -300,10 +294,8 @@ class PruneHidden(PruneConfig):
             raise PassError(f"prune_hidden: the hidden channels cannot be removed: {why} needs them")
         if not ctx.calibration:
             raise PassError("prune_hidden needs calibration data: set `calibration:` in the recipe or pass batches")
-        readers = {node: w for node, (w, cols, _) in an.linears.items() if an.class_set(cols) & set(hidden)}
-        names = aliases(gm)
-        tied = {w for w in readers.values() if len(names.get(w, [w])) > 1}
-        groups = groups_by_input(gm, set(readers.values()))
+        readers = {w: an.classes(cols) for w, cols, _ in an.linears.values() if an.class_set(cols) & set(hidden)}
+        groups = groups_by_input(gm, set(readers))
         found: dict[str, tuple[torch.Tensor, int]] = {}  # group lead -> (X^T X, rows)
 
         def on_stats(part: Part, stats: dict[str, GroupStats]) -> None:
@@ -312,42 +304,51 @@ class PruneHidden(PruneConfig):
 
         batches = spread(ctx.calibration, self.max_batches)
         if self.correct or self.importance != "taylor":
-            stream_statistics(gm, batches, groups, Request(xtx=True), on_stats)
-        by_lead = {g.lead: g for g in groups}
-        columns = {w: an.classes(an.linears[node][1]) for node, w in readers.items()}
+            stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True), on_stats)
+        members = {g.lead: g.weights for g in groups}
         if self.importance == "taylor":
             per_class = taylor_classes(gm, an, batches, self.name)
         else:
             per_class = defaultdict(float)
             for lead, (xtx, rows) in found.items():
-                for w in by_lead[lead].weights if self.importance == "magnitude" else [lead]:  # one input, once
+                for w in members[lead] if self.importance == "magnitude" else [lead]:  # one input, counted once
                     part = (gm.get_parameter(w).detach().double().norm(dim=0) if self.importance == "magnitude"
                             else (torch.diag(xtx).double().clamp_min(0) / max(rows, 1)).sqrt())
-                    for c, v in zip(columns[w].tolist(), part.tolist(), strict=True):
+                    for c, v in zip(readers[w].tolist(), part.tolist(), strict=True):
                         per_class[c] += v
         score = torch.tensor([per_class.get(c, 0.0) for c in hidden], dtype=torch.float64)
         removed = {hidden[i] for i in torch.argsort(score)[: n - keep].tolist()}
+        refit = []
         if self.correct:
+            names = aliases(gm)
             for lead, (xtx, _) in found.items():
-                for w in by_lead[lead].weights:
-                    if w in tied:
-                        continue
-                    weight = gm.get_parameter(w)
-                    kept = torch.tensor([c not in removed for c in columns[w].tolist()])
-                    new = weight.detach().double().clone()
-                    new[:, kept] = pruning.refit(weight.detach(), xtx, kept, self.damp)
-                    with torch.no_grad():
-                        weight.copy_(new.to(weight.dtype))
-        before = sum(p.numel() for p in gm.parameters())
-        try:
-            channel_cut.prune(an, removed)
-        except channels.ChannelError as e:
-            raise PassError(f"{self.name}: {e}") from e
-        cleanup(gm)
-        after = sum(p.numel() for p in gm.parameters())
-        return PassResult(gm, True, {"hidden": f"{n} -> {keep}", "parameters_removed": before - after,
-                                     "refit": sorted(set(readers.values()) - tied) if self.correct else [],
+                for w in members[lead]:
+                    if len(names.get(w, [w])) == 1:  # a weight tied to the embedding is only sliced
+                        kept = torch.tensor([c not in removed for c in readers[w].tolist()])
+                        _refit(gm.get_parameter(w), xtx, kept, self.damp)
+                        refit.append(w)
+        gone = _cut(gm, an, removed, self.name)
+        return PassResult(gm, True, {"hidden": f"{n} -> {keep}", "parameters_removed": gone, "refit": sorted(refit),
                                      "calibration_batches": len(batches)})
+
+
+def _refit(weight: torch.nn.Parameter, xtx: torch.Tensor, kept: torch.Tensor, damp: float) -> None:
+    """The kept columns of ``weight`` refit in place by least squares (graphpress.pruning.refit)."""
+    new = weight.detach().double().clone()
+    new[:, kept] = pruning.refit(weight.detach(), xtx, kept, damp)
+    with torch.no_grad():
+        weight.copy_(new.to(weight.dtype))
+
+
+def _cut(gm: fx.GraphModule, an: channels.Analysis, removed: set[int], name: str) -> int:
+    """Remove the classes ``removed`` from the graph (graphpress.channel_cut); the number of parameters gone."""
+    before = sum(p.numel() for p in gm.parameters())
+    try:
+        channel_cut.prune(an, removed)
+    except channels.ChannelError as e:
+        raise PassError(f"{name}: {e}") from e
+    cleanup(gm)
+    return before - sum(p.numel() for p in gm.parameters())
 
 
 def _consumer_of(an: channels.Analysis, site: channels.Site) -> fx.Node | None:

@@ -132,7 +132,7 @@ def test_prune_hidden_refusals() -> None:
         run_pipeline(program, [PruneHidden(width=65)], calibration=calib)
     with pytest.raises(PipelineError, match="found no embedding"):
         run_pipeline(capture_tiny("convnet"), [PruneHidden(ratio=0.5)], calibration=[(torch.randn(2, 3, 16, 16),)])
-    with pytest.raises(ValueError, match="shared by every layer: use activation or magnitude"):
+    with pytest.raises(ValueError, match="shared by every layer: use activation, magnitude or taylor"):
         PruneHidden(ratio=0.5, importance="obs")
 
 

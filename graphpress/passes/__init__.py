@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.factorize import Factorize
 from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
@@ -30,6 +31,7 @@ PASSES: dict[str, type[Pass]] = {
     "merge_sibling_linears": MergeSiblingLinears,
     "prune_mlp": PruneMLP,
     "prune_hidden": PruneHidden,
+    "factorize": Factorize,
     "prune_heads": PruneHeads,
     "prune_layers": PruneLayers,
     "rtn": QuantizeRTN,

@@ -1,0 +1,90 @@
+"""factorize on tiny random models: whitened beats plain, allocation beats one ratio, the export, every
+architecture, the break-even skip and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress.metrics import sqnr
+from graphpress.passes.factorize import Factorize, allocate
+from graphpress.runner import PipelineError, run_pipeline
+from tests.conftest import capture_tiny
+from tests.hf_tiny import ARCHITECTURES
+
+
+def _calibration(n: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 128, (2, 32), generator=g),) for _ in range(n)]
+
+
+def _quality(**kwargs: object) -> tuple[float, dict]:
+    program = capture_tiny("llama")
+    calib = _calibration()
+    ref = torch.cat([program(*b) for b in calib])
+    out, records = run_pipeline(program, [Factorize(roles=("block",), **kwargs)], calibration=calib)
+    return sqnr(ref, torch.cat([out(*b) for b in calib])), records[0].stats
+
+
+def test_whitened_beats_plain_and_allocation_beats_one_ratio() -> None:
+    plain, _ = _quality(method="plain", ratio=0.6)
+    uniform, u = _quality(method="whitened", ratio=0.6, allocate=False)
+    allocated, a = _quality(method="whitened", ratio=0.6)
+    assert allocated > uniform > plain + 2, (plain, uniform, allocated)
+    assert len(set(a["ranks"].values())) > len(set(u["ranks"].values()))  # the ranks differ across layers
+    assert a["parameters_removed"] >= 0.95 * u["parameters_removed"]  # for about the same budget
+
+
+def test_one_rank_for_every_linear_and_the_export(tmp_path) -> None:
+    from graphpress.lowering.onnx import export_onnx
+
+    program = capture_tiny("llama")  # hidden 64, intermediate 96
+    out, records = run_pipeline(program, [Factorize(rank=8, roles=("block",))], calibration=_calibration())
+    shapes = {n: tuple(p.shape) for n, p in out.gm.named_parameters() if "lowrank" in n}
+    assert shapes["model.layers.0.mlp.down_proj.lowrank_a.weight"] == (64, 8)
+    assert shapes["model.layers.0.mlp.down_proj.lowrank_b.weight"] == (8, 96)
+    assert len(records[0].stats["ranks"]) == 14 and not records[0].stats["skipped"]
+    export_onnx(out, tmp_path / "m.onnx", tolerance=1e-4)  # onnxruntime agrees with the factorized program
+
+
+def test_a_rank_that_would_not_shrink_the_layer_keeps_it_dense() -> None:
+    _, stats = _quality(rank=30, method="plain")  # 64 x 64: break-even 31; k/v 32 x 64: 21
+    assert stats["ranks"]["model.layers.0.self_attn.q_proj"] == 30
+    assert "would not store fewer weights" in stats["skipped"]["model.layers.0.self_attn.k_proj"]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture(arch: str) -> None:
+    from tests.test_channels import _program
+
+    _, program = _program(arch)
+    calib = [(torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    ref = torch.cat([program.outputs(*b)[0] for b in calib])
+    out, records = run_pipeline(program, [Factorize(ratio=0.7, roles=("block",))], calibration=calib)
+    assert records[0].stats["ranks"] and records[0].stats["parameters_removed"] > 0
+    assert sqnr(ref, torch.cat([out.outputs(*b)[0] for b in calib])) > 5
+
+
+def test_allocate_spends_the_budget_where_the_error_falls_most() -> None:
+    flat = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])  # each dimension removes 1 of 4
+    steep = torch.tensor([4.0, 0.5, 0.2, 0.1, 0.0])  # the first removes 3.5
+    ranks = allocate({"flat": flat, "steep": steep}, {"flat": (10, 10), "steep": (10, 10)}, budget=5 * 20)
+    assert ranks == {"flat": 4, "steep": 1}  # 1 each, then flat's 0.25 a dimension beats steep's 0.075
+    ranks = allocate({"flat": flat, "steep": steep}, {"flat": (10, 10), "steep": (4, 6)}, budget=100)
+    assert ranks == {"flat": 4, "steep": 2}  # flat up to its break-even rank, then steep's cheaper dimension fits
+
+
+def test_refusals() -> None:
+    program = capture_tiny("llama")
+    with pytest.raises(PipelineError, match="rank 100 is above the full rank 64 of model.layers.0.self_attn.q_proj"):
+        run_pipeline(program, [Factorize(rank=100, roles=("block",))], calibration=_calibration())
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        run_pipeline(program, [Factorize(ratio=0.5)])
+    with pytest.raises(PipelineError, match="no selected linear"):
+        run_pipeline(program, [Factorize(ratio=0.5, targets=("nothing_is_called_this",))], calibration=_calibration())
+    with pytest.raises(ValueError, match="rank must be a positive number"):
+        Factorize(rank=0)
+    with pytest.raises(ValueError, match="give one of ratio"):
+        Factorize()
+    with pytest.raises(ValueError, match="method must be one of"):
+        Factorize(ratio=0.5, method="svd")

@@ -4,10 +4,11 @@
 
 ``method``: ``whitened`` (SVD-LLM: the factors minimize the output error on the calibration rows), ``asvd``
 (activation-scaled SVD) or ``plain`` (truncated SVD, no calibration). The amount is one ``rank`` for every
-selected linear, or a ``ratio`` of the selected linears' weights kept: with ``allocate`` (whitened only) the
-budget is split across layers by what each layer's singular values predict (SVD-LLM V2's idea: every next
-dimension goes to the layer whose relative output error it lowers most per weight it costs, each layer keeping
-at least rank 1), else every layer keeps the same fraction. A layer whose rank would not store fewer weights
+selected linear, or a ``ratio`` of the selected linears' weights kept, the same fraction in every layer; with
+``allocate`` (whitened only) the budget is split across layers by what each layer's singular values predict
+(SVD-LLM V2's idea: every next dimension goes to the layer whose relative output error it lowers most per
+weight it costs, each layer keeping at least rank 1). On SmolLM2 that allocation measured worse than one
+fraction for all (BENCHMARKS.md, issue 12), so it is off by default. A layer whose rank would not store fewer weights
 than the dense matrix (r >= m n / (m + n)) stays dense and is reported. Statistics are taken on the unfactorized
 program (X^T X of every selected linear's input, one stream over the calibration batches).
 """
@@ -42,8 +43,8 @@ class Factorize(Selection, Pass):
     method: str = "whitened"  # graphpress.lowrank.METHODS
     ratio: float | None = None  # fraction of the selected linears' weights kept
     rank: int | None = None  # one rank for every selected linear
-    allocate: bool = True  # split the ratio's budget across layers (whitened only)
-    damp: float = 0.01  # whitening: H + damp * mean diag(H) I
+    allocate: bool = False  # split the ratio's budget across layers by their tail errors (whitened only)
+    damp: float = 0.0  # whitening: H + damp * mean diag(H) I (singular H falls back to clamped eigenvalues)
     alpha: float = 0.5  # ASVD's exponent
     max_batches: int = 0  # calibration batches used (0: all), spread over them
 
@@ -171,9 +172,8 @@ def _replace(gm: fx.GraphModule, node: fx.Node, A: torch.Tensor, B: torch.Tensor
         inner = gm.graph.call_function(aten.linear.default, (node.args[0], b))
         outer = gm.graph.call_function(aten.linear.default, (inner, a, *node.args[2:]), dict(node.kwargs))
     meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
-    for new in (inner, outer):
-        new.meta.update(meta)
-        graph.infer_val(new)
+    for new in (inner, outer):  # their values: the runner's shape propagation (infer_val's aten.linear on a
+        new.meta.update(meta)   # symbolic input fails in torch 2.11's fake mode)
     node.replace_all_uses_with(outer)
     gm.graph.erase_node(node)
 

@@ -27,9 +27,10 @@ def _quality(**kwargs: object) -> tuple[float, dict]:
 
 
 def test_whitened_beats_plain_and_allocation_beats_one_ratio() -> None:
+    """On a tiny random model allocation wins; on SmolLM2 it lost (BENCHMARKS.md), so it is off by default."""
     plain, _ = _quality(method="plain", ratio=0.6)
-    uniform, u = _quality(method="whitened", ratio=0.6, allocate=False)
-    allocated, a = _quality(method="whitened", ratio=0.6)
+    uniform, u = _quality(method="whitened", ratio=0.6)
+    allocated, a = _quality(method="whitened", ratio=0.6, allocate=True)
     assert allocated > uniform > plain + 2, (plain, uniform, allocated)
     assert len(set(a["ranks"].values())) > len(set(u["ranks"].values()))  # the ranks differ across layers
     assert a["parameters_removed"] >= 0.95 * u["parameters_removed"]  # for about the same budget

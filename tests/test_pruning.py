@@ -34,8 +34,11 @@ def test_refit_is_the_least_squares_solution() -> None:
 def test_select_removes_the_quota_and_zeroes_their_columns(method: str) -> None:
     W, x = _problem()
     units = [torch.tensor([j]) for j in range(W.shape[1])]
+    given = torch.rand(len(units), generator=torch.Generator().manual_seed(1))  # taylor: the caller's scores
     removed, new = pruning.select(W, units, {0: 8}, [0] * len(units), method=method, H=x.T @ x,
-                                  mean_abs=x.abs().mean(0))
+                                  mean_abs=x.abs().mean(0), given=given)
+    if method == "taylor":
+        assert removed == sorted(torch.argsort(given)[:8].tolist())
     assert len(removed) == 8
     assert (new[:, removed] == 0).all() and (new[:, [j for j in range(32) if j not in removed]] != 0).any()
 
@@ -56,7 +59,8 @@ def test_quota_per_group_is_respected_for_blocks_of_columns() -> None:
     units = [torch.arange(h * 4, h * 4 + 4) for h in range(6)]  # six heads of four columns
     groups = [0, 0, 0, 1, 1, 1]  # two key/value groups
     for method in pruning.METHODS:
-        removed, _ = pruning.select(W, units, {0: 1, 1: 2}, groups, method=method, H=x.T @ x)
+        removed, _ = pruning.select(W, units, {0: 1, 1: 2}, groups, method=method, H=x.T @ x,
+                                    given=torch.arange(6.0).flip(0))  # taylor: the last heads least important
         assert sum(groups[u] == 0 for u in removed) == 1 and sum(groups[u] == 1 for u in removed) == 2
 
 
@@ -67,5 +71,7 @@ def test_refusals() -> None:
         pruning.select(W, units, {0: 40}, [0] * 32, H=x.T @ x)
     with pytest.raises(ValueError, match="unknown importance"):
         pruning.select(W, units, {0: 1}, [0] * 32, method="random")
+    with pytest.raises(ValueError, match="taylor importance needs one given score per unit"):
+        pruning.select(W, units, {0: 1}, [0] * 32, method="taylor")
     with pytest.raises(ValueError, match="needs X\\^T X"):
         pruning.select(W, units, {0: 1}, [0] * 32, method="obs")

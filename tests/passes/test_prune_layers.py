@@ -86,7 +86,7 @@ def test_refusals() -> None:
         run_pipeline(program, [PruneLayers(count=2)], calibration=[(IDS,)])
     with pytest.raises(PipelineError, match="needs calibration"):
         run_pipeline(program, [PruneLayers(count=1)])
-    with pytest.raises(ValueError, match="one of count"):
+    with pytest.raises(ValueError, match=r"give one of ratio \(fraction removed\) or count \(blocks removed\)"):
         PruneLayers()
     with pytest.raises(ValueError, match="importance must be"):
         PruneLayers(count=1, importance="random")

@@ -21,8 +21,9 @@ Refused (ValueError, one line naming the tensor or key): an ``out`` that exists 
 layers that give one key different widths (a config holds one width for all layers); a shape no config of
 the class gives (fewer heads in GPT-2, OPT, GPT-NeoX, BERT: their head width is hidden_size / heads);
 tensors missing or extra for the class (a BERT without its pooler), tied tensors with different values;
-quantized tensors in ``program_state``. Written into a temporary sibling of ``out`` and renamed at the
-end, so a failure leaves nothing behind. A GGUF load's ``quantization_config`` is dropped (the weights are
+quantized tensors in ``program_state``; with ``expect``, a reloaded model whose output differs from the
+program's (Gemma at a new hidden size: it scales embeddings by sqrt(hidden_size)). Written into a temporary
+sibling of ``out`` and renamed at the end, so a failure leaves nothing behind. A GGUF load's ``quantization_config`` is dropped (the weights are
 dequantized floats by then); a config without ``architectures`` (a GGUF load) gets the class of its
 ``model_type`` whose tensor names match the state's.
 """

@@ -26,7 +26,7 @@ from torch import fx
 
 from graphpress import channel_cut, channels, pruning
 from graphpress.calibration import Part, stack_batches
-from graphpress.graph import aliases, cleanup, get_tensor, module_name
+from graphpress.graph import aliases, cleanup, module_name
 from graphpress.metrics import next_token_loss
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
@@ -108,7 +108,7 @@ def taylor_classes(gm: fx.GraphModule, an: channels.Analysis, batches: list[tupl
     """First-order Taylor importance of every class (Molchanov et al.; Torch-Pruning's group Taylor): the sum,
     over every parameter entry that carries the class, of |w * dL/dw|, L the next-token loss of a causal
     language model (token ids in, logits out) on the calibration batches."""
-    params = dict(gm.named_parameters())
+    params = dict(gm.named_parameters(remove_duplicate=False))
     flags = {n: p.requires_grad for n, p in params.items()}
     training = gm.training
     try:
@@ -133,18 +133,14 @@ def taylor_classes(gm: fx.GraphModule, an: channels.Analysis, batches: list[tupl
         torch.nn.Module.train(gm, training)
     score: dict[int, float] = defaultdict(float)
     for pname, dims in an.params.items():
-        prod = products.get(id(get_tensor(gm, _first_node(gm, pname))))
+        prod = products.get(id(params.get(pname)))  # the canonical name of a tied tensor is one of its names
+        if prod is None:
+            continue
         for dim, ids in dims.items():
-            if prod is None:
-                continue
             per = prod.movedim(dim, 0).reshape(prod.shape[dim], -1).sum(1, dtype=torch.float64)
             for c, v in zip(an.classes(ids).tolist(), per.tolist(), strict=True):
                 score[c] += v
     return dict(score)
-
-
-def _first_node(gm: fx.GraphModule, target: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
 
 
 def _selected(gm: fx.GraphModule, cfg: Selection, weight_nodes: list[fx.Node]) -> bool:

@@ -8,6 +8,7 @@ import torch
 
 from graphpress import lowrank
 
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)  # one per test: xdist runs them in any order
 

@@ -12,6 +12,8 @@ the output error of a factorization on those rows is
     whitened   H = S S^T (Cholesky; eigenvalues clamped when H is singular), SVD of W S = U Sigma V^T truncated
                to r, B = V_r^T S^-1: the rank-r minimizer of err (SVD-LLM), each dropped singular value costing
                exactly sigma_i^2 of output error on the calibration rows (``tail_errors``)
+               with the rows X' of a compressed stream beside the original X, the factors are fitted to the
+               original outputs W X^T (``cross``), which corrects what the earlier layers lost
     update     A = W H' B^T (B H' B^T)^-1, then B = (A^T A)^-1 A^T W: least squares of each factor given the
                other, for rows H' other than the ones the factors were fitted to (later layers calibrated on
                the factorized earlier ones)
@@ -77,12 +79,18 @@ def whitening(H: torch.Tensor, damp: float = 0.0) -> tuple[torch.Tensor, torch.T
     return Q * root, Q.T / root[:, None]
 
 
-def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0
+def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, cross: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM's truncation-aware whitening: the rank-r factors minimizing tr((W - A B) H (W - A B)^T)."""
+    """SVD-LLM's truncation-aware whitening: the rank-r factors minimizing tr((W - A B) H (W - A B)^T).
+
+    ``cross`` = X^T X' (X the rows W was made for, X' the rows the factors will read, H = X'^T X'): the factors
+    then minimize || W X^T - A B X'^T ||, the original outputs from the inputs the factorized earlier layers
+    give. Its unconstrained minimizer is W X^T X' H^-1, and the error of any M is that of M against it, on H:
+    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T)."""
     _check_rank(W, r)
     S, S_inv = whitening(H, damp)
-    A, B, _ = _balanced(W.double() @ S, r)
+    WS = W.double() @ S if cross is None else W.double() @ cross.double() @ S_inv.T
+    A, B, _ = _balanced(WS, r)
     return A, B @ S_inv
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,10 +25,10 @@ import torch
 from torch import fx
 
 from graphpress import graph, lowrank
-from graphpress.calibration import Part, stack_batches
+from graphpress.calibration import BlockStream, Part, linear_weights, stack_batches
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
-from graphpress.statistics import GroupStats, Request, groups_by_input, spread, stream_statistics
+from graphpress.statistics import GroupStats, Request, gram, groups_by_input, spread, stream_statistics
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -47,12 +48,16 @@ class Factorize(Selection, Pass):
     damp: float = 0.0  # whitening: H + damp * mean diag(H) I (singular H falls back to clamped eigenvalues)
     alpha: float = 0.5  # ASVD's exponent
     max_batches: int = 0  # calibration batches used (0: all), spread over them
+    sequential: bool = True  # each block factorized on the inputs of the factorized earlier blocks
+    correct: bool = False  # fit the factors to the original program's outputs (two streams; whitened only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_amount(self.name, self.ratio, "rank", self.rank, "dimensions", "fraction of the weights kept")
         if self.method not in lowrank.METHODS:
             raise ValueError(f"factorize: method must be one of {', '.join(lowrank.METHODS)}, not {self.method!r}")
+        if self.correct and self.method != "whitened":
+            raise ValueError(f"factorize: correct fits whitened factors: not with method {self.method}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"factorize: damp must be in [0, 1), not {self.damp}")
 
@@ -77,61 +82,161 @@ class Factorize(Selection, Pass):
             if self.rank is not None and self.rank > min(w.shape):
                 raise PassError(f"factorize: rank {self.rank} is above the full rank {min(w.shape)} of "
                                 f"{graph.module_name(n.args[1].target)} [{w.shape[0]}, {w.shape[1]}]")
-        stats = self._statistics(gm, ctx, nodes) if self.method != "plain" else {}
-        ranks = self._ranks(nodes, weights, stats)
-        before = sum(p.numel() for p in gm.parameters())
-        chosen = {}
+        ranks = self._ranks(gm, ctx, nodes, weights)
         for node in nodes:
-            module = graph.module_name(node.args[1].target)
             W, r = weights[node], ranks[node]
             if r > lowrank.break_even(*W.shape):
-                skipped[module] = f"rank {r} would not store fewer weights than [{W.shape[0]}, {W.shape[1]}]"
-                continue
-            if self.method == "whitened":
-                A, B = lowrank.whitened(W, stats[node][0], r, self.damp)
-            elif self.method == "asvd":
-                A, B = lowrank.asvd(W, stats[node][1], r, self.alpha)
-            else:
-                A, B = lowrank.plain(W, r)
+                skipped[graph.module_name(node.args[1].target)] = (
+                    f"rank {r} would not store fewer weights than [{W.shape[0]}, {W.shape[1]}]")
+        kept = [n for n in nodes if ranks[n] <= lowrank.break_even(*weights[n].shape)]
+        factors = self._factors(gm, ctx, kept, ranks)
+        chosen = {graph.module_name(n.args[1].target): ranks[n] for n in kept}
+        before = sum(p.numel() for p in gm.parameters())
+        for node in kept:
+            W = weights[node]
+            A, B = factors[node]
             _replace(gm, node, A.to(W.dtype), B.to(W.dtype))
-            chosen[module] = r
         graph.cleanup(gm)
         after = sum(p.numel() for p in gm.parameters())
         return PassResult(gm, bool(chosen), {"ranks": chosen, "skipped": skipped,
                                              "parameters_removed": before - after})
 
-    def _statistics(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]
-                    ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
-        """(X^T X, mean |x|) of each node's input, in float32."""
+    def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int]
+                 ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+        """The factors of every node; with ``sequential``, each block's linears are factorized on the inputs the
+        factorized earlier blocks give (their weight holds A B while the stream runs on, restored after)."""
+        if self.method == "plain":
+            return {n: lowrank.plain(graph.get_tensor(gm, n.args[1]), ranks[n]) for n in nodes}
+        if self.correct:
+            return self._corrected(gm, ctx, nodes, ranks)
+        factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        originals: dict[fx.Node, torch.Tensor] = {}
+
+        def on_node(node: fx.Node, xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
+            w = graph.get_tensor(gm, node.args[1])
+            if self.method == "whitened":
+                factors[node] = lowrank.whitened(w, xtx, ranks[node], self.damp)
+            else:
+                factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
+            if self.sequential:
+                originals[node] = w.detach().clone()
+                with torch.no_grad():
+                    w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
+
+        try:
+            self._stream(gm, ctx, nodes, on_node, rerun=self.sequential)
+        finally:
+            with torch.no_grad():
+                for node, w in originals.items():
+                    graph.get_tensor(gm, node.args[1]).copy_(w)
+        return factors
+
+    def _corrected(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int]
+                   ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+        """Whitened factors fitted to the original program's outputs: the calibration batches stream twice
+        through the program, as they are (original weights) and through the factorized earlier blocks; each
+        linear's factors minimize || W X^T - A B X'^T || (X original rows, X' compressed; lowrank.whitened's
+        ``cross``)."""
+        self._check_calibration(ctx)
+        batches = stack_batches(gm, spread(ctx.calibration, self.max_batches), 2)
+        k = len(batches)
+        targets = {n.args[1].target: n for n in nodes}
+        groups = groups_by_input(gm, set(targets))
+        lead_of = {w: g.lead for g in groups for w in g.weights}
+        by_lead = {g.lead: g.weights for g in groups}
+        factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        originals: dict[str, torch.Tensor] = {}
+
+        def on_part(part: Part, forward: Callable[..., list]) -> None:
+            here = {t for _, t in linear_weights(part)}
+            leads = [g.lead for g in groups if set(g.weights) <= here]
+            if not leads:
+                return
+            reader: dict[str, str] = {}
+            seen: dict[str, int] = dict.fromkeys(leads, 0)
+            rows: dict[str, list[torch.Tensor | None]] = {lead: [] for lead in leads}
+            H: dict[str, torch.Tensor] = {}
+            C: dict[str, torch.Tensor] = {}
+
+            def observe(target: str, x: torch.Tensor) -> None:
+                lead = lead_of.get(target)
+                if lead not in seen or reader.setdefault(lead, target) != target:
+                    return
+                i, seen[lead] = seen[lead], seen[lead] + 1
+                x = x.detach().reshape(-1, x.shape[-1]).float()
+                if i < k:  # the original stream: kept until its compressed twin comes
+                    rows[lead].append(x)
+                    return
+                xo, rows[lead][i - k] = rows[lead][i - k], None
+                H[lead] = H.get(lead, 0) + gram(x).double()
+                C[lead] = C.get(lead, 0) + (xo.T @ x).double()
+
+            changed = [w for lead in leads for w in by_lead[lead]]
+            forward(observe, None, changed)
+            for lead in leads:
+                for w in by_lead[lead]:
+                    node, weight = targets[w], graph.get_tensor(gm, targets[w].args[1])
+                    factors[node] = lowrank.whitened(weight, H[lead], ranks[node], self.damp, cross=C[lead])
+                    originals[w] = weight.detach().clone()
+                    with torch.no_grad():
+                        weight.copy_((factors[node][0] @ factors[node][1]).to(weight.dtype))
+            forward(None, only=range(k, 2 * k))  # the original stream flows on with the original weights
+            log.info("factorize: %s", part.name)
+
+        try:
+            BlockStream(gm, batches + batches).run(on_part, weights=set(targets))
+        finally:
+            with torch.no_grad():
+                for w, value in originals.items():
+                    graph.get_tensor(gm, targets[w].args[1]).copy_(value)
+        self._check_reached(targets, {targets[w] for w in originals})
+        return factors
+
+    def _check_calibration(self, ctx: PassContext) -> None:
         if not ctx.calibration:
             raise PassError(f"factorize: method {self.method} needs calibration data: set `calibration:` in the "
                             "recipe, or use method plain")
+
+    @staticmethod
+    def _check_reached(targets: dict[str, fx.Node], done: Collection[fx.Node]) -> None:
+        missing = [graph.module_name(t) for t, n in targets.items() if n not in done]
+        if missing:
+            raise PassError(f"factorize: {missing[0]} got no calibration statistics (the stream only reaches "
+                            f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
+
+    def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
+                on_node: Callable[[fx.Node, torch.Tensor, torch.Tensor], None], rerun: bool = False) -> None:
+        """Stream the calibration batches, calling ``on_node(node, X^T X, mean |x|)`` for each node's input."""
+        self._check_calibration(ctx)
         targets = {n.args[1].target: n for n in nodes}
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         groups = groups_by_input(gm, set(targets))
         by_lead = {g.lead: g.weights for g in groups}
+        done: set[fx.Node] = set()
 
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
             for lead, st in got.items():
                 for w in by_lead[lead]:
-                    found[w] = (st.inputs.xtx.float(), st.inputs.mean_abs)
+                    on_node(targets[w], st.inputs.xtx.float(), st.inputs.mean_abs)
+                    done.add(targets[w])
+            log.info("factorize: %s", part.name)
 
         batches = stack_batches(gm, spread(ctx.calibration, self.max_batches), 2)
-        stream_statistics(gm, batches, groups, Request(xtx=True, mean_abs=True), on_stats)
-        missing = [graph.module_name(t) for t in targets if t not in found]
-        if missing:
-            raise PassError(f"factorize: {missing[0]} got no calibration statistics (the stream only reaches "
-                            f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
-        return {n: found[t] for t, n in targets.items()}
+        stream_statistics(gm, batches, groups, Request(xtx=True, mean_abs=True), on_stats, rerun=rerun)
+        self._check_reached(targets, done)
 
-    def _ranks(self, nodes: list[fx.Node], weights: dict[fx.Node, torch.Tensor],
-               stats: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]) -> dict[fx.Node, int]:
+    def _ranks(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
+               weights: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
         if self.rank is not None:
             return {n: self.rank for n in nodes}
         ratio = float(self.ratio)  # type: ignore[arg-type]
         if not (self.allocate and self.method == "whitened"):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
-        tails = {n: lowrank.tail_errors(weights[n], stats[n][0], self.damp) for n in nodes}
+        tails: dict[fx.Node, torch.Tensor] = {}
+
+        def on_node(node: fx.Node, xtx: torch.Tensor, _: torch.Tensor) -> None:
+            tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp)
+
+        self._stream(gm, ctx, nodes, on_node)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
                         ratio * sum(w.numel() for w in weights.values()))
 

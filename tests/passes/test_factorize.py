@@ -36,6 +36,15 @@ def test_whitened_beats_plain_and_allocation_beats_one_ratio() -> None:
     assert a["parameters_removed"] >= 0.95 * u["parameters_removed"]  # for about the same budget
 
 
+def test_fitting_to_the_original_outputs_beats_one_stream() -> None:
+    """Each later block is factorized on what the factorized earlier ones give; ``correct`` also fits the
+    factors to the original program's outputs, which recovers part of what the earlier blocks lost."""
+    once, _ = _quality(ratio=0.6, sequential=False)
+    corrected, stats = _quality(ratio=0.6, correct=True)
+    assert corrected > once + 0.2, (once, corrected)
+    assert len(stats["ranks"]) == 14
+
+
 def test_one_rank_for_every_linear_and_the_export(tmp_path) -> None:
     from graphpress.lowering.onnx import export_onnx
 
@@ -89,3 +98,5 @@ def test_refusals() -> None:
         Factorize()
     with pytest.raises(ValueError, match="method must be one of"):
         Factorize(ratio=0.5, method="svd")
+    with pytest.raises(ValueError, match="correct fits whitened factors: not with method asvd"):
+        Factorize(ratio=0.5, method="asvd", correct=True)

@@ -79,26 +79,43 @@ def whitening(H: torch.Tensor, damp: float = 0.0) -> tuple[torch.Tensor, torch.T
     return Q * root, Q.T / root[:, None]
 
 
-def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, cross: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, cross: torch.Tensor | None = None,
+             fisher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM's truncation-aware whitening: the rank-r factors minimizing tr((W - A B) H (W - A B)^T).
 
     ``cross`` = X^T X' (X the rows W was made for, X' the rows the factors will read, H = X'^T X'): the factors
     then minimize || W X^T - A B X'^T ||, the original outputs from the inputs the factorized earlier layers
     give. Its unconstrained minimizer is W X^T X' H^-1, and the error of any M is that of M against it, on H:
-    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T)."""
+    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T).
+
+    ``fisher`` [m]: a weight per output channel (the loss's sensitivity to it, statistics.output_fisher); the
+    error is then sum_j fisher_j (its row's error), minimized by truncating diag(fisher)^1/2 W S instead."""
     _check_rank(W, r)
     S, S_inv = whitening(H, damp)
-    WS = W.double() @ S if cross is None else W.double() @ cross.double() @ S_inv.T
+    WS = _weighted(W.double() @ S if cross is None else W.double() @ cross.double() @ S_inv.T, fisher)
     A, B, _ = _balanced(WS, r)
+    if fisher is not None:
+        A = A / _row_scale(fisher)[:, None]
     return A, B @ S_inv
 
 
-def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
+def _row_scale(fisher: torch.Tensor) -> torch.Tensor:
+    """sqrt(fisher), a channel the loss never felt kept at a thousandth of the mean (so every row is fitted)."""
+    f = fisher.double()
+    return f.clamp_min(float(f.mean()) * 1e-3 + 1e-30).sqrt()
+
+
+def _weighted(M: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
+    return M if fisher is None else _row_scale(fisher)[:, None] * M
+
+
+def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0, fisher: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """err of the whitened factorization at every rank: [k + 1] for k = min(m, n), entry r the sum of the
-    squared singular values of W S beyond r (entry 0: the whole output energy, k: 0)."""
+    squared singular values of W S beyond r (entry 0: the whole output energy, k: 0); with ``fisher``, the
+    weighted error (``whitened``), in units of the loss when fisher is the loss's."""
     S, _ = whitening(H, damp)
-    s = torch.linalg.svdvals(W.double() @ S)
+    s = torch.linalg.svdvals(_weighted(W.double() @ S, fisher))
     tail = torch.cumsum((s ** 2).flip(0), 0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])
 

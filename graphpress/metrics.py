@@ -50,3 +50,15 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "m
     """Cross-entropy of a causal LM's logits [B, T, V] against the next token of ``ids`` [B, T]."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                              ids[:, 1:].reshape(-1), reduction=reduction)
+
+
+def lm_loss(out: object, batch: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The next-token loss of a causal language model's output on its batch (token ids first); None when the
+    program is not one (its first output is not logits [B, T, V] over the ids [B, T])."""
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    ids = batch[0] if batch else None
+    if (not isinstance(logits, torch.Tensor) or not isinstance(ids, torch.Tensor) or logits.dim() != 3
+            or ids.dim() != 2 or ids.is_floating_point() or logits.shape[:2] != ids.shape
+            or int(ids.max()) >= logits.shape[-1]):
+        return None
+    return next_token_loss(logits, ids)

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from graphpress import graph
 from graphpress.calibration import BlockStream, Part, linear_weights
+from graphpress.metrics import lm_loss
 from graphpress.quant.scaling import subsample_rows
 
 
@@ -225,3 +227,52 @@ def stream_statistics(gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]
     if wanted:
         BlockStream(gm, batches).run(on_part, weights=wanted)
     return done
+
+
+class _Keeping(fx.Interpreter):
+    """Runs a program, keeping the outputs of some nodes."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
+        super().__init__(gm)
+        self.nodes = set(nodes)
+        self.kept: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if n in self.nodes:
+            self.kept[n] = out
+        return out
+
+
+def output_fisher(gm: fx.GraphModule, linears: Sequence[fx.Node], batches: list[tuple[torch.Tensor, ...]],
+                  rows: int = 2) -> dict[fx.Node, torch.Tensor] | None:
+    """The diagonal Fisher information of each linear's output: per output channel, the sum over tokens of
+    (dL/dy)^2, L the next-token loss of a causal language model (the mean over a batch's tokens), on the
+    batches split into ``rows`` sequences at a time (the logits' gradient of a whole batch costs gigabytes).
+    float64 [out features] per linear; None when the program is not a language model (graphpress.metrics.
+    lm_loss). The loss's sensitivity to each output: what weighs one layer's output error against another's."""
+    tensors = [graph.get_tensor(gm, n.args[1]) for n in linears]
+    flags = [t.requires_grad for t in tensors]
+    fisher = {n: torch.zeros(t.shape[0], dtype=torch.float64) for n, t in zip(linears, tensors, strict=True)}
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                for i in range(0, batch[0].shape[0], rows):
+                    part = tuple(t[i:i + rows] for t in batch)
+                    run = _Keeping(gm, linears)
+                    loss = lm_loss(run.run(*part), part)
+                    if loss is None:
+                        return None
+                    outs = [run.kept[n] for n in linears]
+                    grads = torch.autograd.grad(loss, outs, allow_unused=True)
+                    for n, g in zip(linears, grads, strict=True):
+                        if g is not None:
+                            fisher[n] += (g.detach().double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+                    del run, outs, grads, loss
+    finally:
+        for t, flag in zip(tensors, flags, strict=True):
+            t.requires_grad_(flag)
+    return fisher
+

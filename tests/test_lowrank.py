@@ -92,6 +92,19 @@ def test_cross_fits_the_original_outputs_from_the_compressed_inputs() -> None:
         assert error(A, B) < error(*lowrank.whitened(W, H2, r))  # than the factors fitted to W X2^T
 
 
+def test_fisher_weighs_the_output_channels() -> None:
+    W, X, H = _problem()
+    fisher = 0.01 + torch.rand(24, generator=_gen(3), dtype=torch.float64) ** 4  # a few channels matter most
+
+    def weighted(A: torch.Tensor, B: torch.Tensor) -> float:
+        return float((fisher * ((X @ W.T - X @ B.T @ A.T) ** 2).sum(0)).sum())
+
+    for r in (3, 10):
+        A, B = lowrank.whitened(W, H, r, fisher=fisher)
+        assert weighted(A, B) == pytest.approx(float(lowrank.tail_errors(W, H, fisher=fisher)[r]), rel=1e-8)
+        assert weighted(A, B) < weighted(*lowrank.whitened(W, H, r))
+
+
 @pytest.mark.parametrize("r", [0, 25, -1, True, 2.5])
 def test_refuses_a_rank_outside_the_weight(r: object) -> None:
     W, _, H = _problem()

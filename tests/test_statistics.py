@@ -16,6 +16,7 @@ from graphpress.statistics import (
     gram,
     groups_by_input,
     observe_part,
+    output_fisher,
     spread,
     stream_statistics,
 )
@@ -209,3 +210,29 @@ def test_spread_takes_evenly_spaced_batches_first_and_last_included() -> None:
     assert [int(b[0]) for b in spread(batches, 3)] == [0, 4, 7]  # round(3.5) is 4
     assert [int(b[0]) for b in spread(batches, 1)] == [0]
     assert spread(batches, 0) == batches and spread(batches, 9) == batches
+
+
+def test_output_fisher_of_the_logits_is_the_squared_softmax_error() -> None:
+    """At the head, dL/dlogits is (softmax - one-hot of the next token) / tokens: a closed-form reference."""
+    program = capture_tiny("llama")
+    head = [n for n in program.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default][-1]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 128, (3, 10), generator=g),) for _ in range(2)]
+    for p in program.gm.parameters():
+        p.requires_grad_(False)
+    fisher = output_fisher(program.gm, [head], batches, rows=2)
+    expected = torch.zeros_like(fisher[head])
+    for (ids,) in batches:
+        for i in range(0, 3, 2):  # the loss is a mean over the tokens of each 2-row slice
+            rows = ids[i:i + 2]
+            logits = program(rows).double()[:, :-1]
+            grad = torch.softmax(logits, -1) - torch.nn.functional.one_hot(rows[:, 1:], logits.shape[-1])
+            expected += ((grad / grad[..., 0].numel()) ** 2).reshape(-1, logits.shape[-1]).sum(0)
+    torch.testing.assert_close(fisher[head], expected, rtol=1e-4, atol=1e-12)
+    assert not any(p.requires_grad for p in program.gm.parameters())  # restored
+
+
+def test_output_fisher_is_none_for_a_program_without_logits() -> None:
+    program = capture_tiny("bert")
+    linear = next(n for n in program.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default)
+    assert output_fisher(program.gm, [linear], [program.example_inputs]) is None

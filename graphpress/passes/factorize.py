@@ -28,7 +28,15 @@ from graphpress import graph, lowrank
 from graphpress.calibration import BlockStream, Part, linear_weights, stack_batches
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
-from graphpress.statistics import GroupStats, Request, gram, groups_by_input, spread, stream_statistics
+from graphpress.statistics import (
+    GroupStats,
+    Request,
+    gram,
+    groups_by_input,
+    output_fisher,
+    spread,
+    stream_statistics,
+)
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -44,20 +52,22 @@ class Factorize(Selection, Pass):
     method: str = "whitened"  # graphpress.lowrank.METHODS
     ratio: float | None = None  # fraction of the selected linears' weights kept
     rank: int | None = None  # one rank for every selected linear
-    allocate: bool = False  # split the ratio's budget across layers by their tail errors (whitened only)
+    allocate: bool = False  # split the ratio's budget across layers by their Fisher-weighted tail errors
     damp: float = 0.0  # whitening: H + damp * mean diag(H) I (singular H falls back to clamped eigenvalues)
     alpha: float = 0.5  # ASVD's exponent
     max_batches: int = 0  # calibration batches used (0: all), spread over them
     sequential: bool = True  # each block factorized on the inputs of the factorized earlier blocks
     correct: bool = False  # fit the factors to the original program's outputs (two streams; whitened only)
+    fisher: bool = False  # weigh each output channel by the next-token loss's sensitivity to it (whitened only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_amount(self.name, self.ratio, "rank", self.rank, "dimensions", "fraction of the weights kept")
         if self.method not in lowrank.METHODS:
             raise ValueError(f"factorize: method must be one of {', '.join(lowrank.METHODS)}, not {self.method!r}")
-        if self.correct and self.method != "whitened":
-            raise ValueError(f"factorize: correct fits whitened factors: not with method {self.method}")
+        for key in ("correct", "fisher", "allocate"):
+            if getattr(self, key) and self.method != "whitened":
+                raise ValueError(f"factorize: {key} works on whitened factors: not with method {self.method}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"factorize: damp must be in [0, 1), not {self.damp}")
 
@@ -82,14 +92,15 @@ class Factorize(Selection, Pass):
             if self.rank is not None and self.rank > min(w.shape):
                 raise PassError(f"factorize: rank {self.rank} is above the full rank {min(w.shape)} of "
                                 f"{graph.module_name(n.args[1].target)} [{w.shape[0]}, {w.shape[1]}]")
-        ranks = self._ranks(gm, ctx, nodes, weights)
+        fisher = self._fisher(gm, ctx, nodes)
+        ranks = self._ranks(gm, ctx, nodes, weights, fisher)
         for node in nodes:
             W, r = weights[node], ranks[node]
             if r > lowrank.break_even(*W.shape):
                 skipped[graph.module_name(node.args[1].target)] = (
                     f"rank {r} would not store fewer weights than [{W.shape[0]}, {W.shape[1]}]")
         kept = [n for n in nodes if ranks[n] <= lowrank.break_even(*weights[n].shape)]
-        factors = self._factors(gm, ctx, kept, ranks)
+        factors = self._factors(gm, ctx, kept, ranks, fisher if self.fisher else {})
         chosen = {graph.module_name(n.args[1].target): ranks[n] for n in kept}
         before = sum(p.numel() for p in gm.parameters())
         for node in kept:
@@ -101,21 +112,32 @@ class Factorize(Selection, Pass):
         return PassResult(gm, bool(chosen), {"ranks": chosen, "skipped": skipped,
                                              "parameters_removed": before - after})
 
-    def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int]
-                 ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+    def _fisher(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+        """The output channels' diagonal Fisher of every node, when ``fisher`` or ``allocate`` needs it."""
+        if not (self.fisher or self.allocate):
+            return {}
+        self._check_calibration(ctx)
+        found = output_fisher(gm, nodes, spread(ctx.calibration, self.max_batches))
+        if found is None:
+            raise PassError("factorize: fisher and allocate weigh errors by the next-token loss of a language model "
+                            "(token ids in, logits out): this program is not one; set both false")
+        return found
+
+    def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
+                 fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
         """The factors of every node; with ``sequential``, each block's linears are factorized on the inputs the
         factorized earlier blocks give (their weight holds A B while the stream runs on, restored after)."""
         if self.method == "plain":
             return {n: lowrank.plain(graph.get_tensor(gm, n.args[1]), ranks[n]) for n in nodes}
         if self.correct:
-            return self._corrected(gm, ctx, nodes, ranks)
+            return self._corrected(gm, ctx, nodes, ranks, fisher)
         factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         originals: dict[fx.Node, torch.Tensor] = {}
 
         def on_node(node: fx.Node, xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
             w = graph.get_tensor(gm, node.args[1])
             if self.method == "whitened":
-                factors[node] = lowrank.whitened(w, xtx, ranks[node], self.damp)
+                factors[node] = lowrank.whitened(w, xtx, ranks[node], self.damp, fisher=fisher.get(node))
             else:
                 factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
             if self.sequential:
@@ -131,8 +153,8 @@ class Factorize(Selection, Pass):
                     graph.get_tensor(gm, node.args[1]).copy_(w)
         return factors
 
-    def _corrected(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int]
-                   ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+    def _corrected(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
+                   fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
         """Whitened factors fitted to the original program's outputs: the calibration batches stream twice
         through the program, as they are (original weights) and through the factorized earlier blocks; each
         linear's factors minimize || W X^T - A B X'^T || (X original rows, X' compressed; lowrank.whitened's
@@ -176,7 +198,8 @@ class Factorize(Selection, Pass):
             for lead in leads:
                 for w in by_lead[lead]:
                     node, weight = targets[w], graph.get_tensor(gm, targets[w].args[1])
-                    factors[node] = lowrank.whitened(weight, H[lead], ranks[node], self.damp, cross=C[lead])
+                    factors[node] = lowrank.whitened(weight, H[lead], ranks[node], self.damp, cross=C[lead],
+                                                     fisher=fisher.get(node))
                     originals[w] = weight.detach().clone()
                     with torch.no_grad():
                         weight.copy_((factors[node][0] @ factors[node][1]).to(weight.dtype))
@@ -225,16 +248,16 @@ class Factorize(Selection, Pass):
         self._check_reached(targets, done)
 
     def _ranks(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
-               weights: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
+               weights: dict[fx.Node, torch.Tensor], fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
         if self.rank is not None:
             return {n: self.rank for n in nodes}
         ratio = float(self.ratio)  # type: ignore[arg-type]
-        if not (self.allocate and self.method == "whitened"):
+        if not self.allocate:
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
 
         def on_node(node: fx.Node, xtx: torch.Tensor, _: torch.Tensor) -> None:
-            tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp)
+            tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp, fisher[node])
 
         self._stream(gm, ctx, nodes, on_node)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
@@ -243,16 +266,15 @@ class Factorize(Selection, Pass):
 
 def allocate(tails: dict, shapes: dict, budget: float) -> dict:
     """Ranks under a weight budget: every layer starts at rank 1; each next dimension goes to the layer whose
-    relative output error (tail error / total) it lowers most per weight it costs (m + n), until the budget
-    is spent. ``tails[k]``: graphpress.lowrank.tail_errors of layer k; ``shapes[k]``: (m, n)."""
+    error (in the loss's units: Fisher-weighted) it lowers most per weight it costs (m + n), until the budget is
+    spent. ``tails[k]``: graphpress.lowrank.tail_errors of layer k; ``shapes[k]``: (m, n)."""
     keys = list(tails)
     ranks = {k: 1 for k in keys}
     spent = sum(sum(shapes[k]) for k in keys)
 
-    def gain(i: int) -> tuple[float, int]:  # the next dimension of layer i: -(relative error it removes) / weight
+    def gain(i: int) -> tuple[float, int]:  # the next dimension of layer i: -(error it removes) / weight
         k, r = keys[i], ranks[keys[i]]
-        t = tails[k]
-        return -float(t[r] - t[r + 1]) / (float(t[0]) or 1.0) / sum(shapes[k]), i
+        return -float(tails[k][r] - tails[k][r + 1]) / sum(shapes[k]), i
 
     heap = [gain(i) for i, k in enumerate(keys) if len(tails[k]) > 2 and lowrank.break_even(*shapes[k]) > 1]
     heapq.heapify(heap)

@@ -27,7 +27,7 @@ from torch import fx
 from graphpress import channel_cut, channels, pruning
 from graphpress.calibration import Part, stack_batches
 from graphpress.graph import aliases, cleanup, module_name
-from graphpress.metrics import next_token_loss
+from graphpress.metrics import lm_loss
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
 from graphpress.statistics import Group, GroupStats, Request, groups_by_input, spread, stream_statistics
@@ -118,13 +118,11 @@ def taylor_classes(gm: fx.GraphModule, an: channels.Analysis, batches: list[tupl
             p.grad = None
         with torch.enable_grad():
             for batch in batches:
-                out = gm(*batch)
-                logits, ids = (out[0] if isinstance(out, (tuple, list)) else out), batch[0]
-                if (logits.dim() != 3 or ids.dim() != 2 or ids.is_floating_point() or logits.shape[:2] != ids.shape
-                        or int(ids.max()) >= logits.shape[-1]):
+                loss = lm_loss(gm(*batch), batch)
+                if loss is None:
                     raise PassError(f"{name}: taylor importance needs a language model (token ids in, logits "
                                     "out) for its next-token loss: use activation importance")
-                next_token_loss(logits, ids).backward()
+                loss.backward()
         products = {id(p): (p.detach() * p.grad).abs() for p in params.values() if p.grad is not None}
     finally:
         for n, p in params.items():

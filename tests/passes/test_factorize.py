@@ -27,7 +27,7 @@ def _quality(**kwargs: object) -> tuple[float, dict]:
 
 
 def test_whitened_beats_plain_and_allocation_beats_one_ratio() -> None:
-    """On a tiny random model allocation wins; on SmolLM2 it lost (BENCHMARKS.md), so it is off by default."""
+    """Ranks allocated by the Fisher-weighted (loss-unit) tail errors beat one fraction for all."""
     plain, _ = _quality(method="plain", ratio=0.6)
     uniform, u = _quality(method="whitened", ratio=0.6)
     allocated, a = _quality(method="whitened", ratio=0.6, allocate=True)
@@ -98,5 +98,10 @@ def test_refusals() -> None:
         Factorize()
     with pytest.raises(ValueError, match="method must be one of"):
         Factorize(ratio=0.5, method="svd")
-    with pytest.raises(ValueError, match="correct fits whitened factors: not with method asvd"):
+    with pytest.raises(ValueError, match="correct works on whitened factors: not with method asvd"):
         Factorize(ratio=0.5, method="asvd", correct=True)
+    with pytest.raises(ValueError, match="allocate works on whitened factors: not with method plain"):
+        Factorize(ratio=0.5, method="plain", allocate=True)
+    encoder = capture_tiny("bert")
+    with pytest.raises(PipelineError, match="this program is not one; set both false"):
+        run_pipeline(encoder, [Factorize(ratio=0.5, allocate=True)], calibration=[encoder.example_inputs])

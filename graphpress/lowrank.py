@@ -86,13 +86,19 @@ def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, cross:
     ``cross`` = X^T X' (X the rows W was made for, X' the rows the factors will read, H = X'^T X'): the factors
     then minimize || W X^T - A B X'^T ||, the original outputs from the inputs the factorized earlier layers
     give. Its unconstrained minimizer is W X^T X' H^-1, and the error of any M is that of M against it, on H:
-    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T).
+    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T). ``damp``
+    then also pulls the fit towards W where X' hardly varies (there, H^-1 would amplify rounding and noise).
 
     ``fisher`` [m]: a weight per output channel (the loss's sensitivity to it, statistics.output_fisher); the
     error is then sum_j fisher_j (its row's error), minimized by truncating diag(fisher)^1/2 W S instead."""
     _check_rank(W, r)
     S, S_inv = whitening(H, damp)
-    WS = _weighted(W.double() @ S if cross is None else W.double() @ cross.double() @ S_inv.T, fisher)
+    if cross is None:
+        WS = W.double() @ S
+    else:  # damped towards W: W (X^T X' + lambda I)(H + lambda I)^-1, W where X' hardly varies
+        ridge = torch.eye(H.shape[0], dtype=torch.float64) * damp * float(torch.diag(H.double()).mean())
+        WS = W.double() @ (cross.double() + ridge) @ S_inv.T
+    WS = _weighted(WS, fisher)
     A, B, _ = _balanced(WS, r)
     if fisher is not None:
         A = A / _row_scale(fisher)[:, None]

@@ -43,10 +43,14 @@ def hf(args: argparse.Namespace) -> list[dict[str, Any]]:
         records: list[str] = []
 
         class Catch(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                records.append(record.getMessage())
+            def __init__(self, into: list[str]) -> None:
+                super().__init__(logging.WARNING)
+                self.into = into
 
-        handler = Catch(logging.WARNING)
+            def emit(self, record: logging.LogRecord) -> None:
+                self.into.append(record.getMessage())
+
+        handler = Catch(records)
         logging.getLogger("transformers").addHandler(handler)
         try:
             model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()

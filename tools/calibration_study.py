@@ -101,8 +101,9 @@ def main() -> None:
             ids = windows(source, int(n or 64), src, args.length)
             batches = [(chunk.to(device),) for chunk in ids.split(8)]
             program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
-            out, _ = run_pipeline(program, passes_for(args.recipe, options), verify=False, calibration=batches)
-            row = {"config": config, **score(forward_of(out), src)}
+            out, records = run_pipeline(program, passes_for(args.recipe, options), verify=False, calibration=batches)
+            row = {"config": config, **score(forward_of(out), src),
+                   "pass_seconds": {r.name: round(r.seconds, 1) for r in records if r.seconds >= 1}}
             del program, out
         row["seconds"] = round(time.perf_counter() - start, 1)
         results.append(row)

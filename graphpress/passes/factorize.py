@@ -4,13 +4,19 @@
 
 ``method``: ``whitened`` (SVD-LLM: the factors minimize the output error on the calibration rows), ``asvd``
 (activation-scaled SVD) or ``plain`` (truncated SVD, no calibration). The amount is one ``rank`` for every
-selected linear, or a ``ratio`` of the selected linears' weights kept, the same fraction in every layer; with
-``allocate`` (whitened only) the budget is split across layers by what each layer's singular values predict
-(SVD-LLM V2's idea: every next dimension goes to the layer whose relative output error it lowers most per
-weight it costs, each layer keeping at least rank 1). On SmolLM2 that allocation measured worse than one
-fraction for all (BENCHMARKS.md, issue 12), so it is off by default. A layer whose rank would not store fewer weights
-than the dense matrix (r >= m n / (m + n)) stays dense and is reported. Statistics are taken on the unfactorized
-program (X^T X of every selected linear's input, one stream over the calibration batches).
+selected linear, or a ``ratio`` of the selected linears' weights kept: the same fraction in every layer, or
+with ``allocate`` split across layers (SVD-LLM V2's idea, in the loss's units): every next dimension goes to
+the layer whose truncation error it lowers most per weight it costs, each error weighted per output channel by
+the next-token loss's squared gradient there (a diagonal Fisher, statistics.output_fisher), so that one layer's
+error compares with another's. Error weighted by output channel in the factorization itself: ``fisher``.
+A program that is not a language model has no such loss: one fraction for all, unweighted, reported. A layer
+whose rank would not store fewer weights than the dense matrix (r >= m n / (m + n)) stays dense and is reported.
+
+Calibration: with ``sequential`` (default) the blocks are factorized in order, each on the inputs the
+factorized earlier blocks give; with ``correct`` the calibration rows also flow through the original program
+beside them, and each linear's factors are fitted to its original outputs from the compressed inputs
+(lowrank.whitened's ``cross``), which makes up part of what the earlier blocks lost. ``sequential: false``:
+every statistic from the original program, one stream.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class Factorize(Selection, Pass):
                     f"rank {r} would not store fewer weights than [{W.shape[0]}, {W.shape[1]}]")
         kept = [n for n in nodes if ranks[n] <= lowrank.break_even(*weights[n].shape)]
         factors = self._factors(gm, ctx, kept, ranks, fisher if self.fisher else {})
+        weighed = "by the next-token loss's Fisher" if fisher else "no (not a language model)"
         chosen = {graph.module_name(n.args[1].target): ranks[n] for n in kept}
         before = sum(p.numel() for p in gm.parameters())
         for node in kept:
@@ -109,8 +116,10 @@ class Factorize(Selection, Pass):
             _replace(gm, node, A.to(W.dtype), B.to(W.dtype))
         graph.cleanup(gm)
         after = sum(p.numel() for p in gm.parameters())
-        return PassResult(gm, bool(chosen), {"ranks": chosen, "skipped": skipped,
-                                             "parameters_removed": before - after})
+        stats = {"ranks": chosen, "skipped": skipped, "parameters_removed": before - after}
+        if self.fisher or self.allocate:
+            stats["weighed"] = weighed
+        return PassResult(gm, bool(chosen), stats)
 
     def _fisher(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         """The output channels' diagonal Fisher of every node, when ``fisher`` or ``allocate`` needs it."""
@@ -118,9 +127,10 @@ class Factorize(Selection, Pass):
             return {}
         self._check_calibration(ctx)
         found = output_fisher(gm, nodes, spread(ctx.calibration, self.max_batches))
-        if found is None:
-            raise PassError("factorize: fisher and allocate weigh errors by the next-token loss of a language model "
-                            "(token ids in, logits out): this program is not one; set both false")
+        if found is None:  # an encoder, a conv net: no next-token loss to weigh by
+            log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
+                     "fraction for every layer", gm.__class__.__name__)
+            return {}
         return found
 
     def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
@@ -252,7 +262,7 @@ class Factorize(Selection, Pass):
         if self.rank is not None:
             return {n: self.rank for n in nodes}
         ratio = float(self.ratio)  # type: ignore[arg-type]
-        if not self.allocate:
+        if not (self.allocate and fisher):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
 

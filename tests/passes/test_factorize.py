@@ -63,6 +63,16 @@ def test_a_rank_that_would_not_shrink_the_layer_keeps_it_dense() -> None:
     assert "would not store fewer weights" in stats["skipped"]["model.layers.0.self_attn.k_proj"]
 
 
+def test_an_encoder_gets_one_fraction_for_all() -> None:
+    """No next-token loss to weigh by: allocate and fisher fall back to one fraction, and say so."""
+    encoder = capture_tiny("bert")
+    _, records = run_pipeline(encoder, [Factorize(ratio=0.5, allocate=True, fisher=True)],
+                              calibration=[encoder.example_inputs])
+    stats = records[0].stats
+    assert stats["weighed"] == "no (not a language model)"
+    assert len({r for k, r in stats["ranks"].items() if "intermediate" in k}) == 1
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture(arch: str) -> None:
     from tests.test_channels import _program
@@ -102,6 +112,4 @@ def test_refusals() -> None:
         Factorize(ratio=0.5, method="asvd", correct=True)
     with pytest.raises(ValueError, match="allocate works on whitened factors: not with method plain"):
         Factorize(ratio=0.5, method="plain", allocate=True)
-    encoder = capture_tiny("bert")
-    with pytest.raises(PipelineError, match="this program is not one; set both false"):
-        run_pipeline(encoder, [Factorize(ratio=0.5, allocate=True)], calibration=[encoder.example_inputs])
+

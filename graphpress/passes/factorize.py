@@ -277,7 +277,8 @@ class Factorize(Selection, Pass):
 def allocate(tails: dict, shapes: dict, budget: float) -> dict:
     """Ranks under a weight budget: every layer starts at rank 1; each next dimension goes to the layer whose
     error (in the loss's units: Fisher-weighted) it lowers most per weight it costs (m + n), until the budget is
-    spent. ``tails[k]``: graphpress.lowrank.tail_errors of layer k; ``shapes[k]``: (m, n)."""
+    spent. A layer reaching its break-even rank stays dense (its full rank) if the budget holds the few weights
+    more. ``tails[k]``: graphpress.lowrank.tail_errors of layer k; ``shapes[k]``: (m, n)."""
     keys = list(tails)
     ranks = {k: 1 for k in keys}
     spent = sum(sum(shapes[k]) for k in keys)
@@ -296,7 +297,11 @@ def allocate(tails: dict, shapes: dict, budget: float) -> dict:
             continue
         ranks[k] += 1
         spent += cost
-        if ranks[k] + 1 < len(tails[k]) and ranks[k] < lowrank.break_even(*shapes[k]):
+        m, n = shapes[k]
+        if ranks[k] == lowrank.break_even(m, n) and spent + m * n - ranks[k] * (m + n) <= budget:
+            spent += m * n - ranks[k] * (m + n)  # as many weights as the dense layer: it stays dense
+            ranks[k] = min(m, n)
+        elif ranks[k] + 1 < len(tails[k]) and ranks[k] < lowrank.break_even(m, n):
             heapq.heappush(heap, gain(i))
     return ranks
 

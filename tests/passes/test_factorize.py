@@ -92,6 +92,8 @@ def test_allocate_spends_the_budget_where_the_error_falls_most() -> None:
     assert ranks == {"flat": 4, "steep": 1}  # 1 each, then flat's 0.25 a dimension beats steep's 0.075
     ranks = allocate({"flat": flat, "steep": steep}, {"flat": (10, 10), "steep": (4, 6)}, budget=100)
     assert ranks == {"flat": 4, "steep": 2}  # flat up to its break-even rank, then steep's cheaper dimension fits
+    ranks = allocate({"flat": flat, "steep": steep}, {"flat": (10, 10), "steep": (4, 6)}, budget=130)
+    assert ranks == {"flat": 10, "steep": 4}  # 20 weights more keep flat dense: its full rank
 
 
 def test_refusals() -> None:

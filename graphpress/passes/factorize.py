@@ -62,6 +62,8 @@ class Factorize(Selection, Pass):
     damp: float = 0.0  # whitening: H + damp * mean diag(H) I (singular H falls back to clamped eigenvalues)
     alpha: float = 0.5  # ASVD's exponent
     max_batches: int = 0  # calibration batches used (0: all), spread over them
+    # batches for what only chooses the ranks and weighs (the Fisher's backward passes cost 3 forwards each)
+    allocate_batches: int = 2
     sequential: bool = True  # each block factorized on the inputs of the factorized earlier blocks
     correct: bool = False  # fit the factors to the original program's outputs (two streams; whitened only)
     fisher: bool = False  # weigh each output channel by the next-token loss's sensitivity to it (whitened only)
@@ -126,7 +128,7 @@ class Factorize(Selection, Pass):
         if not (self.fisher or self.allocate):
             return {}
         self._check_calibration(ctx)
-        found = output_fisher(gm, nodes, spread(ctx.calibration, self.max_batches))
+        found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches))
         if found is None:  # an encoder, a conv net: no next-token loss to weigh by
             log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
                      "fraction for every layer", gm.__class__.__name__)
@@ -238,7 +240,8 @@ class Factorize(Selection, Pass):
                             f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
 
     def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
-                on_node: Callable[[fx.Node, torch.Tensor, torch.Tensor], None], rerun: bool = False) -> None:
+                on_node: Callable[[fx.Node, torch.Tensor, torch.Tensor], None], rerun: bool = False,
+                max_batches: int | None = None) -> None:
         """Stream the calibration batches, calling ``on_node(node, X^T X, mean |x|)`` for each node's input."""
         self._check_calibration(ctx)
         targets = {n.args[1].target: n for n in nodes}
@@ -253,8 +256,9 @@ class Factorize(Selection, Pass):
                     done.add(targets[w])
             log.info("factorize: %s", part.name)
 
-        batches = stack_batches(gm, spread(ctx.calibration, self.max_batches), 2)
-        stream_statistics(gm, batches, groups, Request(xtx=True, mean_abs=True), on_stats, rerun=rerun)
+        batches = spread(ctx.calibration, self.max_batches if max_batches is None else max_batches)
+        stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True, mean_abs=True), on_stats,
+                          rerun=rerun)
         self._check_reached(targets, done)
 
     def _ranks(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
@@ -269,7 +273,7 @@ class Factorize(Selection, Pass):
         def on_node(node: fx.Node, xtx: torch.Tensor, _: torch.Tensor) -> None:
             tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp, fisher[node])
 
-        self._stream(gm, ctx, nodes, on_node)
+        self._stream(gm, ctx, nodes, on_node, max_batches=self.allocate_batches)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
                         ratio * sum(w.numel() for w in weights.values()))
 

@@ -128,7 +128,7 @@ class Factorize(Selection, Pass):
         found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches))
         if found is None:  # an encoder, a conv net: no next-token loss to weigh by
             log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
-                     "fraction for every layer", gm.__class__.__name__)
+                     "fraction for every layer", ctx.program.name)
             return {}
         return found
 

@@ -55,6 +55,20 @@ def test_one_rank_for_every_linear_and_the_export(tmp_path) -> None:
     export_onnx(out, tmp_path / "m.onnx", tolerance=1e-4)  # onnxruntime agrees with the factorized program
 
 
+def test_composes_with_pruning_and_exports(tmp_path) -> None:
+    from graphpress.lowering.onnx import export_onnx
+    from graphpress.passes.prune import PruneMLP
+
+    program = capture_tiny("llama")
+    passes = [PruneMLP(ratio=0.25, roles=("block",)), Factorize(ratio=0.7, allocate=True, roles=("block",))]
+    out, records = run_pipeline(program, passes, calibration=_calibration())
+    assert records[1].stats["weighed"] == "by the next-token loss's Fisher"
+    down = {n: p.shape[1] for n, p in out.gm.named_parameters() if "mlp.down_proj" in n and "lowrank_a" not in n}
+    assert set(down.values()) == {72}  # the pruned MLP's 96 * 0.75, factorized or kept dense
+    assert any("lowrank" in n for n in out.gm.state_dict())
+    export_onnx(out, tmp_path / "m.onnx", tolerance=1e-4)
+
+
 def test_a_rank_that_would_not_shrink_the_layer_keeps_it_dense() -> None:
     _, stats = _quality(rank=30, method="plain")  # 64 x 64: break-even 31; k/v 32 x 64: 21
     assert stats["ranks"]["model.layers.0.self_attn.q_proj"] == 30

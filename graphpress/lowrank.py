@@ -16,6 +16,7 @@ the output error of a factorization on those rows is
                other, for rows H' other than the ones the factors were fitted to (later layers calibrated on
                the factorized earlier ones)
 
+``white``: whitening(H, damp) when the caller has it (linears reading one input share it).
 Factors are balanced (A = U_r Sigma_r^1/2, B = Sigma_r^1/2 V_r^T) so that both quantize alike. Everything runs
 in float64 and returns float64; the caller casts.
 """
@@ -77,14 +78,14 @@ def whitening(H: torch.Tensor, damp: float = 0.0) -> tuple[torch.Tensor, torch.T
     return Q * root, Q.T / root[:, None]
 
 
-def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, fisher: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, fisher: torch.Tensor | None = None,
+             white: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM's truncation-aware whitening: the rank-r factors minimizing tr((W - A B) H (W - A B)^T).
 
     ``fisher`` [m]: a weight per output channel (the loss's sensitivity to it, statistics.output_fisher); the
     error is then sum_j fisher_j (its row's error), minimized by truncating diag(fisher)^1/2 W S instead."""
     _check_rank(W, r)
-    S, S_inv = whitening(H, damp)
+    S, S_inv = white or whitening(H, damp)
     WS = _weighted(W.double() @ S, fisher)
     A, B, _ = _balanced(WS, r)
     if fisher is not None:
@@ -102,12 +103,12 @@ def _weighted(M: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
     return M if fisher is None else _row_scale(fisher)[:, None] * M
 
 
-def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0, fisher: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0, fisher: torch.Tensor | None = None,
+                white: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """err of the whitened factorization at every rank: [k + 1] for k = min(m, n), entry r the sum of the
     squared singular values of W S beyond r (entry 0: the whole output energy, k: 0); with ``fisher``, the
     weighted error (``whitened``), in units of the loss when fisher is the loss's."""
-    S, _ = whitening(H, damp)
+    S, _ = white or whitening(H, damp)
     s = torch.linalg.svdvals(_weighted(W.double() @ S, fisher))
     tail = torch.cumsum((s ** 2).flip(0), 0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])

@@ -141,19 +141,21 @@ class Factorize(Selection, Pass):
         factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         originals: dict[fx.Node, torch.Tensor] = {}
 
-        def on_node(node: fx.Node, xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
-            w = graph.get_tensor(gm, node.args[1])
-            if self.method == "whitened":
-                factors[node] = lowrank.whitened(w, xtx, ranks[node], self.damp, fisher=fisher.get(node))
-            else:
-                factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
-            if self.sequential:
-                originals[node] = w.detach().clone()
-                with torch.no_grad():
-                    w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
+            white = lowrank.whitening(xtx, self.damp) if self.method == "whitened" else None
+            for node in members:
+                w = graph.get_tensor(gm, node.args[1])
+                if white is not None:
+                    factors[node] = lowrank.whitened(w, xtx, ranks[node], fisher=fisher.get(node), white=white)
+                else:
+                    factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
+                if self.sequential:
+                    originals[node] = w.detach().clone()
+                    with torch.no_grad():
+                        w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
 
         try:
-            self._stream(gm, ctx, nodes, on_node, rerun=self.sequential)
+            self._stream(gm, ctx, nodes, on_group, rerun=self.sequential)
         finally:
             with torch.no_grad():
                 for node, w in originals.items():
@@ -166,9 +168,10 @@ class Factorize(Selection, Pass):
                             "recipe, or use method plain")
 
     def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
-                on_node: Callable[[fx.Node, torch.Tensor, torch.Tensor], None], rerun: bool = False,
+                on_group: Callable[[list[fx.Node], torch.Tensor, torch.Tensor], None], rerun: bool = False,
                 max_batches: int | None = None) -> None:
-        """Stream the calibration batches, calling ``on_node(node, X^T X, mean |x|)`` for each node's input."""
+        """Stream the calibration batches, calling ``on_group(nodes, X^T X, mean |x|)`` for the nodes that read
+        one input."""
         self._check_calibration(ctx)
         targets = {n.args[1].target: n for n in nodes}
         groups = groups_by_input(gm, set(targets))
@@ -177,9 +180,9 @@ class Factorize(Selection, Pass):
 
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
             for lead, st in got.items():
-                for w in by_lead[lead]:
-                    on_node(targets[w], st.inputs.xtx.float(), st.inputs.mean_abs)
-                    done.add(targets[w])
+                members = [targets[w] for w in by_lead[lead]]
+                on_group(members, st.inputs.xtx.float(), st.inputs.mean_abs)
+                done.update(members)
             log.info("factorize: %s", part.name)
 
         batches = spread(ctx.calibration, self.max_batches if max_batches is None else max_batches)
@@ -199,10 +202,12 @@ class Factorize(Selection, Pass):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
 
-        def on_node(node: fx.Node, xtx: torch.Tensor, _: torch.Tensor) -> None:
-            tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp, fisher[node])
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, _: torch.Tensor) -> None:
+            white = lowrank.whitening(xtx, self.damp)
+            for node in members:
+                tails[node] = lowrank.tail_errors(weights[node], xtx, fisher=fisher[node], white=white)
 
-        self._stream(gm, ctx, nodes, on_node, max_batches=self.allocate_batches)
+        self._stream(gm, ctx, nodes, on_group, max_batches=self.allocate_batches)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
                         ratio * sum(w.numel() for w in weights.values()))
 

@@ -114,8 +114,6 @@ class BlockStream:
         flow on. If it never calls it, the stream runs the part once itself. ``changes`` names the program
         tensors ``on_part`` will rewrite before the next call: this run keeps what that call needs to recompute
         only the nodes they reach (it recomputes the whole part if any other tensor of the part changed).
-        ``only``: the indices of the batches that call runs, the others keeping the previous call's outputs
-        (two streams through one program, such as the original rows beside the compressed ones).
 
         ``weights``: the program weights the caller works on. The stream stops after the last part that reads
         one of them, and the outputs of the part it stops at are not kept: in that part only what the inputs
@@ -150,9 +148,8 @@ class BlockStream:
                 replay: list[_Replay | None] = [None]
 
                 def forward(observe: Observer | None, observe_output: Observer | None = None,
-                            changes: Iterable[str] = (), only: Collection[int] | None = None, _part: Part = part,
-                            _args: list = args, _results: list = results, _keep: bool = keep,
-                            _replay: list = replay) -> list[Any]:
+                            changes: Iterable[str] = (), _part: Part = part, _args: list = args,
+                            _results: list = results, _keep: bool = keep, _replay: list = replay) -> list[Any]:
                     n = len(self.batches)
                     if not _keep and observe is None and observe_output is None:
                         return [None] * n  # nothing would be kept or seen
@@ -164,9 +161,6 @@ class BlockStream:
                     record = _Replay(_part, _args, changes, n) if changes and _keep else None
                     out = []
                     for i in range(n):
-                        if only is not None and i not in only:
-                            out.append(_results[-1][i])
-                            continue
                         y = _run(_part, [a[i] for a in _args], observe, observe_output, needed, given[i],
                                  record.border if record else (), record.values[i] if record else None)
                         out.append(y if _keep else None)

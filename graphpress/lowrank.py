@@ -12,12 +12,11 @@ the output error of a factorization on those rows is
     whitened   H = S S^T (Cholesky; eigenvalues clamped when H is singular), SVD of W S = U Sigma V^T truncated
                to r, B = V_r^T S^-1: the rank-r minimizer of err (SVD-LLM), each dropped singular value costing
                exactly sigma_i^2 of output error on the calibration rows (``tail_errors``)
-               with the rows X' of a compressed stream beside the original X, the factors are fitted to the
-               original outputs W X^T (``cross``), which corrects what the earlier layers lost
     update     A = W H' B^T (B H' B^T)^-1, then B = (A^T A)^-1 A^T W: least squares of each factor given the
                other, for rows H' other than the ones the factors were fitted to (later layers calibrated on
                the factorized earlier ones)
 
+``white``: whitening(H, damp) when the caller has it (linears reading one input share it).
 Factors are balanced (A = U_r Sigma_r^1/2, B = Sigma_r^1/2 V_r^T) so that both quantize alike. Everything runs
 in float64 and returns float64; the caller casts.
 """
@@ -79,26 +78,15 @@ def whitening(H: torch.Tensor, damp: float = 0.0) -> tuple[torch.Tensor, torch.T
     return Q * root, Q.T / root[:, None]
 
 
-def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, cross: torch.Tensor | None = None,
-             fisher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened(W: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.0, fisher: torch.Tensor | None = None,
+             white: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM's truncation-aware whitening: the rank-r factors minimizing tr((W - A B) H (W - A B)^T).
-
-    ``cross`` = X^T X' (X the rows W was made for, X' the rows the factors will read, H = X'^T X'): the factors
-    then minimize || W X^T - A B X'^T ||, the original outputs from the inputs the factorized earlier layers
-    give. Its unconstrained minimizer is W X^T X' H^-1, and the error of any M is that of M against it, on H:
-    the same whitened truncation, applied to W X^T X' H^-1 (whose product with S is W X^T X' S^-T). ``damp``
-    then also pulls the fit towards W where X' hardly varies (there, H^-1 would amplify rounding and noise).
 
     ``fisher`` [m]: a weight per output channel (the loss's sensitivity to it, statistics.output_fisher); the
     error is then sum_j fisher_j (its row's error), minimized by truncating diag(fisher)^1/2 W S instead."""
     _check_rank(W, r)
-    S, S_inv = whitening(H, damp)
-    if cross is None:
-        WS = W.double() @ S
-    else:  # damped towards W: W (X^T X' + lambda I)(H + lambda I)^-1, W where X' hardly varies
-        ridge = torch.eye(H.shape[0], dtype=torch.float64) * damp * float(torch.diag(H.double()).mean())
-        WS = W.double() @ (cross.double() + ridge) @ S_inv.T
-    WS = _weighted(WS, fisher)
+    S, S_inv = white or whitening(H, damp)
+    WS = _weighted(W.double() @ S, fisher)
     A, B, _ = _balanced(WS, r)
     if fisher is not None:
         A = A / _row_scale(fisher)[:, None]
@@ -115,12 +103,12 @@ def _weighted(M: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
     return M if fisher is None else _row_scale(fisher)[:, None] * M
 
 
-def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0, fisher: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def tail_errors(W: torch.Tensor, H: torch.Tensor, damp: float = 0.0, fisher: torch.Tensor | None = None,
+                white: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """err of the whitened factorization at every rank: [k + 1] for k = min(m, n), entry r the sum of the
     squared singular values of W S beyond r (entry 0: the whole output energy, k: 0); with ``fisher``, the
     weighted error (``whitened``), in units of the loss when fisher is the loss's."""
-    S, _ = whitening(H, damp)
+    S, _ = white or whitening(H, damp)
     s = torch.linalg.svdvals(_weighted(W.double() @ S, fisher))
     tail = torch.cumsum((s ** 2).flip(0), 0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])

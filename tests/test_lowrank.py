@@ -74,24 +74,6 @@ def test_update_lowers_the_error_on_other_rows() -> None:
     assert lowrank.output_error(W, A2, B2, H2) < 0.995 * before  # whitened A B was optimal for H, not H2
 
 
-def test_cross_fits_the_original_outputs_from_the_compressed_inputs() -> None:
-    W, X, _ = _problem()
-    X2 = X + 0.5 * torch.randn(X.shape, generator=_gen(2), dtype=torch.float64)  # what a compressed model gives
-    H2, C = X2.T @ X2, X.T @ X2
-
-    def error(A: torch.Tensor, B: torch.Tensor) -> float:  # against the original outputs
-        return float(((X @ W.T - X2 @ B.T @ A.T) ** 2).sum())
-
-    full = torch.linalg.lstsq(X2, X @ W.T).solution.T  # the dense least-squares reference
-    torch.testing.assert_close(torch.matmul(*lowrank.whitened(W, H2, 24, cross=C)), full)
-    for r in (3, 10):
-        A, B = lowrank.whitened(W, H2, r, cross=C)
-        # the error splits into the full-rank residual and the whitened truncation of W C H2^-1
-        truncated = lowrank.output_error(full, A, B, H2)
-        assert error(A, B) == pytest.approx(error(full, torch.eye(32, dtype=torch.float64)) + truncated, rel=1e-8)
-        assert error(A, B) < error(*lowrank.whitened(W, H2, r))  # than the factors fitted to W X2^T
-
-
 def test_fisher_weighs_the_output_channels() -> None:
     W, X, H = _problem()
     fisher = 0.01 + torch.rand(24, generator=_gen(3), dtype=torch.float64) ** 4  # a few channels matter most

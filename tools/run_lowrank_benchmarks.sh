@@ -5,18 +5,9 @@
 # Run on an otherwise idle machine.   bash tools/run_lowrank_benchmarks.sh [recipe ...]
 source "$(dirname "$0")/bench_env.sh"
 RECIPES=${*:-lowrank-20 lowrank-20-w4 tools/study/lowrank-60.yaml}
-names=()
-for r in exact $RECIPES; do
-  n=$(basename "$r" .yaml)
-  names+=("$n")
-  if [ ! -f "$OUT/$n/model.onnx" ]; then
-    /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$n" --no-eval 2> "$OUT/$n.log"
-  fi
-done
-artifacts=()
-for n in "${names[@]:1}"; do artifacts+=("$OUT/$n"); done
+compress_recipes $RECIPES
 # HELDOUT= (empty) measures the protocol's text only
-.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2-lowrank ${HELDOUT---heldout} \
+.venv/bin/python tools/bench.py --reference "$OUT/exact" "${ARTIFACTS[@]}" --name smollm2-lowrank ${HELDOUT---heldout} \
   --runs 20 --json "$OUT/bench-lowrank.json" --markdown BENCHMARKS.md
 /usr/bin/time -v .venv/bin/python tools/bench_prune.py cost --recipe lowrank-20 \
   --json "$OUT/lowrank-cost.json" 2> "$OUT/lowrank-cost.log"

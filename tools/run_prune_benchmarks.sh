@@ -6,19 +6,10 @@
 # Run on an otherwise idle machine.   bash tools/run_prune_benchmarks.sh [recipe ...]
 source "$(dirname "$0")/bench_env.sh"
 RECIPES=${*:-prune-20 prune-mlp-25 prune-depth-20 prune-20-w4 tools/study/prune-mlp-1024.yaml tools/study/prune-depth-shortgpt.yaml}
-names=()
-for r in exact $RECIPES; do
-  n=$(basename "$r" .yaml)
-  names+=("$n")
-  if [ ! -f "$OUT/$n/model.onnx" ]; then
-    /usr/bin/time -v $G compress smollm2-135m --recipe "$r" --out "$OUT/$n" --no-eval 2> "$OUT/$n.log"
-  fi
-done
-artifacts=()
-for n in "${names[@]:1}"; do artifacts+=("$OUT/$n"); done
+compress_recipes $RECIPES
 # HELDOUT= (empty) measures the protocol's text only
-.venv/bin/python tools/bench.py --reference "$OUT/exact" "${artifacts[@]}" --name smollm2-prune ${HELDOUT---heldout} \
+.venv/bin/python tools/bench.py --reference "$OUT/exact" "${ARTIFACTS[@]}" --name smollm2-prune ${HELDOUT---heldout} \
   --runs 20 --json "$OUT/bench-prune.json" --markdown BENCHMARKS.md
-.venv/bin/python tools/bench_prune.py hf "${artifacts[@]}" --bench "$OUT/bench-prune.json" --json "$OUT/prune-hf.json"
+.venv/bin/python tools/bench_prune.py hf "${ARTIFACTS[@]}" --bench "$OUT/bench-prune.json" --json "$OUT/prune-hf.json"
 /usr/bin/time -v .venv/bin/python tools/bench_prune.py cost --recipe prune-mlp-25 prune_mlp.importance=activation \
   --json "$OUT/prune-cost.json" 2> "$OUT/prune-cost.log"

@@ -13,17 +13,16 @@ A program that is not a language model has no such loss: one fraction for all, u
 whose rank would not store fewer weights than the dense matrix (r >= m n / (m + n)) stays dense and is reported.
 
 Calibration: with ``sequential`` (default) the blocks are factorized in order, each on the inputs the
-factorized earlier blocks give; with ``correct`` the calibration rows also flow through the original program
-beside them, and each linear's factors are fitted to its original outputs from the compressed inputs
-(lowrank.whitened's ``cross``), which makes up part of what the earlier blocks lost. ``sequential: false``:
-every statistic from the original program, one stream.
+factorized earlier blocks give; ``sequential: false``: every statistic from the original program, one stream.
+(Fitting the factors to the original program's outputs from the compressed inputs instead collapsed SmolLM2:
+BENCHMARKS.md, issue 12.)
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,13 +30,12 @@ import torch
 from torch import fx
 
 from graphpress import graph, lowrank
-from graphpress.calibration import BlockStream, Part, linear_weights, stack_batches
+from graphpress.calibration import Part, stack_batches
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection, check_amount
 from graphpress.roles import linear_roles
 from graphpress.statistics import (
     GroupStats,
     Request,
-    gram,
     groups_by_input,
     output_fisher,
     spread,
@@ -65,7 +63,6 @@ class Factorize(Selection, Pass):
     # batches for what only chooses the ranks and weighs (the Fisher's backward passes cost 3 forwards each)
     allocate_batches: int = 2
     sequential: bool = True  # each block factorized on the inputs of the factorized earlier blocks
-    correct: bool = False  # fit the factors to the original program's outputs (two streams; whitened only)
     fisher: bool = False  # weigh each output channel by the next-token loss's sensitivity to it (whitened only)
 
     def __post_init__(self) -> None:
@@ -73,7 +70,7 @@ class Factorize(Selection, Pass):
         check_amount(self.name, self.ratio, "rank", self.rank, "dimensions", "fraction of the weights kept")
         if self.method not in lowrank.METHODS:
             raise ValueError(f"factorize: method must be one of {', '.join(lowrank.METHODS)}, not {self.method!r}")
-        for key in ("correct", "fisher", "allocate"):
+        for key in ("fisher", "allocate"):
             if getattr(self, key) and self.method != "whitened":
                 raise ValueError(f"factorize: {key} works on whitened factors: not with method {self.method}")
         if not 0 <= self.damp < 1:
@@ -131,7 +128,7 @@ class Factorize(Selection, Pass):
         found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches))
         if found is None:  # an encoder, a conv net: no next-token loss to weigh by
             log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
-                     "fraction for every layer", gm.__class__.__name__)
+                     "fraction for every layer", ctx.program.name)
             return {}
         return found
 
@@ -141,90 +138,28 @@ class Factorize(Selection, Pass):
         factorized earlier blocks give (their weight holds A B while the stream runs on, restored after)."""
         if self.method == "plain":
             return {n: lowrank.plain(graph.get_tensor(gm, n.args[1]), ranks[n]) for n in nodes}
-        if self.correct:
-            return self._corrected(gm, ctx, nodes, ranks, fisher)
         factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         originals: dict[fx.Node, torch.Tensor] = {}
 
-        def on_node(node: fx.Node, xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
-            w = graph.get_tensor(gm, node.args[1])
-            if self.method == "whitened":
-                factors[node] = lowrank.whitened(w, xtx, ranks[node], self.damp, fisher=fisher.get(node))
-            else:
-                factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
-            if self.sequential:
-                originals[node] = w.detach().clone()
-                with torch.no_grad():
-                    w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
+            white = lowrank.whitening(xtx, self.damp) if self.method == "whitened" else None
+            for node in members:
+                w = graph.get_tensor(gm, node.args[1])
+                if white is not None:
+                    factors[node] = lowrank.whitened(w, xtx, ranks[node], fisher=fisher.get(node), white=white)
+                else:
+                    factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
+                if self.sequential:
+                    originals[node] = w.detach().clone()
+                    with torch.no_grad():
+                        w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
 
         try:
-            self._stream(gm, ctx, nodes, on_node, rerun=self.sequential)
+            self._stream(gm, ctx, nodes, on_group, rerun=self.sequential)
         finally:
             with torch.no_grad():
                 for node, w in originals.items():
                     graph.get_tensor(gm, node.args[1]).copy_(w)
-        return factors
-
-    def _corrected(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
-                   fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
-        """Whitened factors fitted to the original program's outputs: the calibration batches stream twice
-        through the program, as they are (original weights) and through the factorized earlier blocks; each
-        linear's factors minimize || W X^T - A B X'^T || (X original rows, X' compressed; lowrank.whitened's
-        ``cross``)."""
-        self._check_calibration(ctx)
-        batches = stack_batches(gm, spread(ctx.calibration, self.max_batches), 2)
-        k = len(batches)
-        targets = {n.args[1].target: n for n in nodes}
-        groups = groups_by_input(gm, set(targets))
-        lead_of = {w: g.lead for g in groups for w in g.weights}
-        by_lead = {g.lead: g.weights for g in groups}
-        factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-        originals: dict[str, torch.Tensor] = {}
-
-        def on_part(part: Part, forward: Callable[..., list]) -> None:
-            here = {t for _, t in linear_weights(part)}
-            leads = [g.lead for g in groups if set(g.weights) <= here]
-            if not leads:
-                return
-            reader: dict[str, str] = {}
-            seen: dict[str, int] = dict.fromkeys(leads, 0)
-            rows: dict[str, list[torch.Tensor | None]] = {lead: [] for lead in leads}
-            H: dict[str, torch.Tensor] = {}
-            C: dict[str, torch.Tensor] = {}
-
-            def observe(target: str, x: torch.Tensor) -> None:
-                lead = lead_of.get(target)
-                if lead not in seen or reader.setdefault(lead, target) != target:
-                    return
-                i, seen[lead] = seen[lead], seen[lead] + 1
-                x = x.detach().reshape(-1, x.shape[-1]).float()
-                if i < k:  # the original stream: kept until its compressed twin comes
-                    rows[lead].append(x)
-                    return
-                xo, rows[lead][i - k] = rows[lead][i - k], None
-                H[lead] = H.get(lead, 0) + gram(x).double()
-                C[lead] = C.get(lead, 0) + (xo.T @ x).double()
-
-            changed = [w for lead in leads for w in by_lead[lead]]
-            forward(observe, None, changed)
-            for lead in leads:
-                for w in by_lead[lead]:
-                    node, weight = targets[w], graph.get_tensor(gm, targets[w].args[1])
-                    factors[node] = lowrank.whitened(weight, H[lead], ranks[node], self.damp, cross=C[lead],
-                                                     fisher=fisher.get(node))
-                    originals[w] = weight.detach().clone()
-                    with torch.no_grad():
-                        weight.copy_((factors[node][0] @ factors[node][1]).to(weight.dtype))
-            forward(None, only=range(k, 2 * k))  # the original stream flows on with the original weights
-            log.info("factorize: %s", part.name)
-
-        try:
-            BlockStream(gm, batches + batches).run(on_part, weights=set(targets))
-        finally:
-            with torch.no_grad():
-                for w, value in originals.items():
-                    graph.get_tensor(gm, targets[w].args[1]).copy_(value)
-        self._check_reached(targets, {targets[w] for w in originals})
         return factors
 
     def _check_calibration(self, ctx: PassContext) -> None:
@@ -232,17 +167,11 @@ class Factorize(Selection, Pass):
             raise PassError(f"factorize: method {self.method} needs calibration data: set `calibration:` in the "
                             "recipe, or use method plain")
 
-    @staticmethod
-    def _check_reached(targets: dict[str, fx.Node], done: Collection[fx.Node]) -> None:
-        missing = [graph.module_name(t) for t, n in targets.items() if n not in done]
-        if missing:
-            raise PassError(f"factorize: {missing[0]} got no calibration statistics (the stream only reaches "
-                            f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
-
     def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
-                on_node: Callable[[fx.Node, torch.Tensor, torch.Tensor], None], rerun: bool = False,
+                on_group: Callable[[list[fx.Node], torch.Tensor, torch.Tensor], None], rerun: bool = False,
                 max_batches: int | None = None) -> None:
-        """Stream the calibration batches, calling ``on_node(node, X^T X, mean |x|)`` for each node's input."""
+        """Stream the calibration batches, calling ``on_group(nodes, X^T X, mean |x|)`` for the nodes that read
+        one input."""
         self._check_calibration(ctx)
         targets = {n.args[1].target: n for n in nodes}
         groups = groups_by_input(gm, set(targets))
@@ -251,15 +180,18 @@ class Factorize(Selection, Pass):
 
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
             for lead, st in got.items():
-                for w in by_lead[lead]:
-                    on_node(targets[w], st.inputs.xtx.float(), st.inputs.mean_abs)
-                    done.add(targets[w])
+                members = [targets[w] for w in by_lead[lead]]
+                on_group(members, st.inputs.xtx.float(), st.inputs.mean_abs)
+                done.update(members)
             log.info("factorize: %s", part.name)
 
         batches = spread(ctx.calibration, self.max_batches if max_batches is None else max_batches)
         stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True, mean_abs=True), on_stats,
                           rerun=rerun)
-        self._check_reached(targets, done)
+        missing = [graph.module_name(t) for t, n in targets.items() if n not in done]
+        if missing:
+            raise PassError(f"factorize: {missing[0]} got no calibration statistics (the stream only reaches "
+                            f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
 
     def _ranks(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
                weights: dict[fx.Node, torch.Tensor], fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
@@ -270,10 +202,12 @@ class Factorize(Selection, Pass):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
 
-        def on_node(node: fx.Node, xtx: torch.Tensor, _: torch.Tensor) -> None:
-            tails[node] = lowrank.tail_errors(weights[node], xtx, self.damp, fisher[node])
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, _: torch.Tensor) -> None:
+            white = lowrank.whitening(xtx, self.damp)
+            for node in members:
+                tails[node] = lowrank.tail_errors(weights[node], xtx, fisher=fisher[node], white=white)
 
-        self._stream(gm, ctx, nodes, on_node, max_batches=self.allocate_batches)
+        self._stream(gm, ctx, nodes, on_group, max_batches=self.allocate_batches)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
                         ratio * sum(w.numel() for w in weights.values()))
 

@@ -141,7 +141,7 @@ class Factorize(Selection, Pass):
         factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         originals: dict[fx.Node, torch.Tensor] = {}
 
-        def on_group(members: list[fx.Node], xtx: torch.Tensor, mean_abs: torch.Tensor) -> None:
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, mean_abs: torch.Tensor | None) -> None:
             white = lowrank.whitening(xtx, self.damp) if self.method == "whitened" else None
             for node in members:
                 w = graph.get_tensor(gm, node.args[1])
@@ -168,7 +168,7 @@ class Factorize(Selection, Pass):
                             "recipe, or use method plain")
 
     def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
-                on_group: Callable[[list[fx.Node], torch.Tensor, torch.Tensor], None], rerun: bool = False,
+                on_group: Callable[[list[fx.Node], torch.Tensor, torch.Tensor | None], None], rerun: bool = False,
                 max_batches: int | None = None) -> None:
         """Stream the calibration batches, calling ``on_group(nodes, X^T X, mean |x|)`` for the nodes that read
         one input."""
@@ -177,16 +177,17 @@ class Factorize(Selection, Pass):
         groups = groups_by_input(gm, set(targets))
         by_lead = {g.lead: g.weights for g in groups}
         done: set[fx.Node] = set()
+        asvd = self.method == "asvd"  # mean |x| only for ASVD's scaling
 
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
             for lead, st in got.items():
                 members = [targets[w] for w in by_lead[lead]]
-                on_group(members, st.inputs.xtx.float(), st.inputs.mean_abs)
+                on_group(members, st.inputs.xtx.float(), st.inputs.mean_abs if asvd else None)
                 done.update(members)
             log.info("factorize: %s", part.name)
 
         batches = spread(ctx.calibration, self.max_batches if max_batches is None else max_batches)
-        stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True, mean_abs=True), on_stats,
+        stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True, mean_abs=asvd), on_stats,
                           rerun=rerun)
         missing = [graph.module_name(t) for t, n in targets.items() if n not in done]
         if missing:
@@ -202,7 +203,7 @@ class Factorize(Selection, Pass):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
 
-        def on_group(members: list[fx.Node], xtx: torch.Tensor, _: torch.Tensor) -> None:
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, _: torch.Tensor | None) -> None:
             white = lowrank.whitening(xtx, self.damp)
             for node in members:
                 tails[node] = lowrank.tail_errors(weights[node], xtx, fisher=fisher[node], white=white)

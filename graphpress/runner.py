@@ -36,6 +36,7 @@ from graphpress import provenance
 from graphpress.errors import describe
 from graphpress.memory import release_memory
 from graphpress.metrics import compare_outputs
+from graphpress.passes import sparsify
 from graphpress.passes.base import Pass, PassContext
 from graphpress.program import Program
 
@@ -69,6 +70,7 @@ class PassRecord:
         return asdict(self)
 
 
+CARRIED_META = (sparsify.KEY,)  # facts of the program a pass's new GraphModule keeps (provenance: restored)
 RELEASE_BYTES = 64_000_000  # programs above this size hand freed heap back after every pass
 
 
@@ -112,6 +114,9 @@ def run_pipeline(
         seconds = time.perf_counter() - start
         if result.gm is not program.gm and provenance.KEY not in result.gm.meta:
             provenance.restore(result.gm, provenance.to_json(program.gm))  # a new GraphModule starts bare
+        for key in CARRIED_META:
+            if key in program.gm.meta and key not in result.gm.meta:
+                result.gm.meta[key] = program.gm.meta[key]
         program.gm = result.gm
         record = PassRecord(
             name=p.name,

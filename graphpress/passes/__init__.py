@@ -20,6 +20,7 @@ from graphpress.passes.prune_layers import PruneLayers
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
 from graphpress.passes.remove_noops import RemoveNoops
 from graphpress.passes.smooth import AWQ, SmoothQuant
+from graphpress.passes.sparsify import Sparsify
 from graphpress.passes.w8a8 import W8A8
 from graphpress.passes.weight_only import QuantizeRTN
 
@@ -32,6 +33,7 @@ PASSES: dict[str, type[Pass]] = {
     "prune_mlp": PruneMLP,
     "prune_hidden": PruneHidden,
     "factorize": Factorize,
+    "sparsify": Sparsify,
     "prune_heads": PruneHeads,
     "prune_layers": PruneLayers,
     "rtn": QuantizeRTN,

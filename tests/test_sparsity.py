@@ -1,5 +1,5 @@
 """graphpress.sparsity against dense references: every mask has exactly its pattern, SparseGPT's output error
-is below magnitude's and Wanda's, the refinement lowers it further, GPTQ with a mask keeps the zeros exact,
+is below magnitude's and Wanda's, the refinement and the exchange of weights lower it further, GPTQ with a mask keeps the zeros exact,
 OWL's ratios, refusals."""
 
 from __future__ import annotations
@@ -69,6 +69,21 @@ def test_sparsegpt_beats_magnitude_and_wanda_and_refine_beats_sparsegpt(pattern:
     if pattern.ratio is not None:  # per row, weighed by ||x||: the loud channels keep their weights
         assert wanda < magnitude
     assert _error(w, refined, x) < 0.95 * sgpt
+
+
+@pytest.mark.parametrize("pattern", [Pattern(0.5), Pattern(n=2, m=4)])
+def test_reselect_exchanges_weights_where_the_error_falls_and_keeps_the_pattern(pattern: Pattern) -> None:
+    w, x, H = _problem()
+    found = sparsity.sparsegpt(w, H, pattern, block_size=32)
+    refined = sparsity.refine(w, found.weight, H, found.mask, steps=30)
+    again, mask = sparsity.reselect(w, refined, H, found.mask, pattern, rounds=3, block_size=32)
+    assert not torch.equal(mask, found.mask) and bool((again[mask] == 0).all())
+    assert _error(w, again, x) < 0.97 * _error(w, refined, x)
+    if pattern.m is not None:
+        assert (mask.reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+    else:
+        for b in range(0, w.shape[1], 32):
+            assert int(mask[:, b:b + 32].sum()) == round(0.5 * w.shape[0] * 32)
 
 
 def test_refine_reaches_the_least_squares_optimum_of_each_row() -> None:

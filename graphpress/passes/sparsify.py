@@ -4,7 +4,8 @@
     linear(x, W, b)  =>  quantized_linear(x, codes, scales, ...)    with ``bits``: SparseGPT then GPTQ, one sweep
 
 ``method``: ``sparsegpt`` (pruned weights' error compensated by the others, from X^T X; then, with ``refine``, the kept
-weights solved to the least-squares optimum on SparseGPT's mask), ``wanda`` (|w| ||x||,
+weights solved to the least-squares optimum on SparseGPT's mask, and ``swaps`` rounds of exchanging pruned and
+kept weights where that lowers the output error), ``wanda`` (|w| ||x||,
 no update) or ``magnitude`` (|w|, no calibration). The amount: ``ratio`` (the share of zeros) or ``pattern``
 ('2:4': N kept of every M consecutive input weights). ``owl`` (OWL, arXiv:2310.05175): each block's ratio in
 [ratio - owl, ratio + owl], fewer zeros where the block's Wanda scores have more outliers, the mean over the
@@ -60,6 +61,9 @@ class Sparsify(Selection, Pass):
     # sparsegpt: conjugate-gradient steps to the least-squares optimum of the kept weights on SparseGPT's mask
     # (graphpress.sparsity.refine); 0: SparseGPT's own update. 30 converge on SmolLM2's layers
     refine: int = 30
+    # sparsegpt with refine: rounds of exchanging pruned and kept weights where the output error falls
+    # (graphpress.sparsity.reselect), each refit with 10 steps, then ``refine`` steps more
+    swaps: int = 3
     sequential: bool = True
     max_batches: int = 0  # calibration batches used (0: all), spread over them
     owl: float = 0.0  # OWL's spread of per-block ratios; 0: the same ratio everywhere
@@ -180,10 +184,15 @@ class Sparsify(Selection, Pass):
         the new float values."""
         found = sparsity.sparsegpt(w, H, pattern, damp=self.damp, block_size=self.block_size)
         new = found.weight
+        mask = found.mask
         if self.refine:
-            new = sparsity.refine(w, new, H, found.mask, self.refine, self.damp)
+            new = sparsity.refine(w, new, H, mask, self.refine, self.damp)
+            if self.swaps:
+                new, mask = sparsity.reselect(w, new, H, mask, pattern, self.swaps, damp=self.damp,
+                                              block_size=self.block_size)
+                new = sparsity.refine(w, new, H, mask, self.refine, self.damp)
         if self.spec is not None:
-            q = gptq_quantize(new, H, self.spec, damp=self.damp, block_size=self.block_size, mask=found.mask)
+            q = gptq_quantize(new, H, self.spec, damp=self.damp, block_size=self.block_size, mask=mask)
             quantized[target] = q
             new = q.dequantize()
         return new

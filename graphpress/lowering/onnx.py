@@ -213,19 +213,29 @@ def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto
     - drop the exporter's per-node metadata (fx node text, stack traces: megabytes on an LLM), the node
       names (optional in ONNX; ~0.2 MB over the ~6,000 nodes of a W4 SmolLM2) and the intermediate value_info;
     - store float32 initializers whose every value is exactly a float16 (quantization scales, which the
-      quantizers round so) as float16 plus a Cast, which onnxruntime folds back at session start.
+      quantizers round so) as float16 plus a Cast, which onnxruntime folds back at session start;
+    - store initializers that are mostly zeros (graphpress.passes.sparsify) as sparse initializers when that
+      is smaller: values and int64 linear indices, 12 bytes a nonzero float32 against 4 bytes a weight, so
+      only above two thirds of zeros (a 50 % sparse or 2:4 weight stays dense); readers densify them at load.
     """
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
         node.name = ""
     del model.graph.value_info[:]  # intermediate shape annotations: onnxruntime infers its own
-    casts = []
-    for init in model.graph.initializer:
+    casts, sparse = [], []
+    for i, init in enumerate(model.graph.initializer):
         if init.data_type != onnx.TensorProto.FLOAT or init.data_location == onnx.TensorProto.EXTERNAL:
             continue
         a = numpy_helper.to_array(init)
         if a.size < min_elements:
+            continue
+        nonzero = np.flatnonzero(a)
+        if nonzero.size * (a.itemsize + 8) < 0.9 * a.nbytes:
+            model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+                numpy_helper.from_array(a.reshape(-1)[nonzero], init.name),
+                numpy_helper.from_array(nonzero.astype(np.int64), f"{init.name}.indices"), list(a.shape)))
+            sparse.append(i)
             continue
         half = a.astype(np.float16)
         if not np.array_equal(half.astype(np.float32), a):
@@ -234,6 +244,8 @@ def compact(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto
         init.CopyFrom(numpy_helper.from_array(half, f"{name}.fp16"))
         casts.append(onnx.helper.make_node("Cast", [f"{name}.fp16"], [name], to=onnx.TensorProto.FLOAT,
                                            name=f"{name}.cast"))
+    for i in reversed(sparse):
+        del model.graph.initializer[i]
     if casts:
         nodes = casts + list(model.graph.node)
         del model.graph.node[:]

@@ -21,6 +21,7 @@ Every mask has exactly its pattern: N:M in every group of every row; a ratio rou
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -259,3 +260,35 @@ def reselect(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, mask: torch.
                 w.shape[0], -1) for b in range(0, k, block_size)], dim=1)
         w_hat = refine(w, v * ~mask, H, mask, steps, damp)
     return w_hat, mask
+
+
+def saliency(w: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None = None, damp: float = 0.01
+             ) -> torch.Tensor:
+    """OBS saliency [N, K] of every weight: the output error that pruning it alone leaves once the others of
+    its row compensate, w_ij^2 / [H^-1]_jj (H = 2 X^T X / T, damped), times ``fisher`` [N] (the next-token
+    loss's sensitivity to output i) when given, so that saliencies of different layers compare in the loss's
+    units."""
+    Hd = H.double() + damp * torch.diagonal(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64,
+                                                                        device=H.device)
+    inv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd))).float()
+    s = w.float() ** 2 / inv_diag[None]
+    return s if fisher is None else s * fisher.float()[:, None]
+
+
+def allocate_ratios(saliencies: dict[str, torch.Tensor], ratio: float, spread: float) -> dict[str, float]:
+    """Per-layer ratios of zeros in [ratio - spread, ratio + spread] with ``ratio`` of all weights zero: every
+    layer prunes its (ratio - spread) least salient weights, and the rest of the budget goes to the least
+    salient of all layers' next candidates (up to ratio + spread each). ``saliencies[k]``: any shape, one
+    value per weight, comparable across layers (see ``saliency``)."""
+    counts = {k: s.numel() for k, s in saliencies.items()}
+    lo = {k: math.ceil((ratio - spread) * n) for k, n in counts.items()}
+    hi = {k: math.floor((ratio + spread) * n) for k, n in counts.items()}
+    budget = int(round(ratio * sum(counts.values()))) - sum(lo.values())
+    candidates, owners = [], []
+    for i, (k, s) in enumerate(saliencies.items()):
+        part = s.reshape(-1).float().sort().values[lo[k]:hi[k]]
+        candidates.append(part)
+        owners.append(torch.full((part.numel(),), i, dtype=torch.int32))
+    chosen = torch.cat(owners)[torch.cat(candidates).topk(max(budget, 0), largest=False).indices]
+    extra = torch.bincount(chosen, minlength=len(saliencies)).tolist()
+    return {k: (lo[k] + extra[i]) / counts[k] for i, k in enumerate(saliencies)}

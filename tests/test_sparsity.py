@@ -117,6 +117,31 @@ def test_gptq_with_a_mask_keeps_the_zeros() -> None:
     assert _error(w, gptq, x) < 0.97 * _error(w, rounded, x)
 
 
+def test_saliency_is_the_error_of_pruning_one_weight_with_its_row_compensating() -> None:
+    w, x, H = _problem(n=3, k=12)
+    s = sparsity.saliency(w, H, damp=0.0)
+    for i, j in ((0, 0), (1, 5), (2, 11)):  # the kept weights of row i refit by least squares without w_ij
+        keep = torch.ones(w.shape[1], dtype=torch.bool)
+        keep[j] = False
+        target = x.double() @ w[i].double()
+        fit = torch.linalg.lstsq(x[:, keep].double(), target[:, None]).solution[:, 0]
+        err = float(((x[:, keep].double() @ fit - target) ** 2).sum()) * 2 / x.shape[0]
+        assert float(s[i, j]) == pytest.approx(err, rel=1e-3)
+    fisher = torch.tensor([1.0, 2.0, 0.5])
+    torch.testing.assert_close(sparsity.saliency(w, H, fisher, damp=0.0), s * fisher[:, None])
+
+
+def test_allocated_ratios_take_the_least_salient_weights_of_all_layers_within_bounds() -> None:
+    g = torch.Generator().manual_seed(1)
+    saliencies = {"loud": torch.rand(40, 50, generator=g) * 10, "quiet": torch.rand(30, 50, generator=g),
+                  "mid": torch.rand(20, 50, generator=g) * 3}
+    r = sparsity.allocate_ratios(saliencies, 0.5, 0.1)
+    total = sum(r[k] * s.numel() for k, s in saliencies.items())
+    assert total == pytest.approx(0.5 * sum(s.numel() for s in saliencies.values()), abs=1)
+    assert all(0.4 <= v <= 0.6 for v in r.values())
+    assert r["quiet"] == pytest.approx(0.6) and r["loud"] < r["mid"] < r["quiet"]
+
+
 def test_owl_ratios_stay_in_bounds_and_average_to_the_ratio() -> None:
     outliers = torch.tensor([0.01, 0.03, 0.02, 0.08])
     counts = torch.tensor([100, 100, 200, 100])

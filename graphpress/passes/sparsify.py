@@ -10,6 +10,8 @@ no update) or ``magnitude`` (|w|, no calibration). The amount: ``ratio`` (the sh
 ('2:4': N kept of every M consecutive input weights). ``owl`` (OWL, arXiv:2310.05175): each block's ratio in
 [ratio - owl, ratio + owl], fewer zeros where the block's Wanda scores have more outliers, the mean over the
 selected weights still ``ratio``; measured from the first ``owl_batches`` batches of the original program.
+``allocate``: a ratio per layer within ``ratio`` +/- ``allocate``, the least salient weights of all layers first
+(OBS saliency weighted by the next-token loss's diagonal Fisher on each output, as factorize's allocation).
 
 Calibration streams block by block (graphpress.statistics); with ``sequential`` (default) each block is pruned
 on the inputs the pruned earlier blocks give, as SparseGPT's reference does.
@@ -35,7 +37,14 @@ from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Sel
 from graphpress.passes.weight_only import replace_linear, selected_linears
 from graphpress.quant.gptq import gptq_quantize
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
-from graphpress.statistics import GroupStats, Request, groups_by_input, spread, stream_statistics
+from graphpress.statistics import (
+    GroupStats,
+    Request,
+    groups_by_input,
+    output_fisher,
+    spread,
+    stream_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,11 @@ class Sparsify(Selection, Pass):
     owl: float = 0.0  # OWL's spread of per-block ratios; 0: the same ratio everywhere
     owl_threshold: float = 5.0  # a Wanda score above this many times its block's mean is an outlier
     owl_batches: int = 2
+    # a ratio per layer in [ratio - allocate, ratio + allocate] (the total still ``ratio``), from each weight's
+    # OBS saliency weighted by the next-token loss's sensitivity to its output (a diagonal Fisher): the least
+    # salient weights of all layers go first. Language models; others keep one ratio (reported)
+    allocate: float = 0.0
+    allocate_batches: int = 2
     bits: int | None = None  # sparsegpt: GPTQ of the kept weights, with the mask, on the same statistics
     group_size: int | None = 128
     symmetric: bool = False
@@ -83,6 +97,10 @@ class Sparsify(Selection, Pass):
                 raise ValueError(f"sparsify: bits quantizes in SparseGPT's sweep: not with method {self.method} "
                                  "(sparsify, then run gptq: it keeps the zeros)")
             QuantSpec(self.bits, self.group_size, self.symmetric)
+        if self.owl and self.allocate:
+            raise ValueError("sparsify: owl and allocate both choose ratios per layer: give one")
+        if self.allocate and (pattern.ratio is None or not 0 < self.allocate < min(pattern.ratio, 1 - pattern.ratio)):
+            raise ValueError(f"sparsify: allocate {self.allocate} spreads a ratio (not a pattern) within (0, 1)")
         if self.owl:
             if pattern.ratio is None:
                 raise ValueError("sparsify: owl varies a ratio per block; a pattern like 2:4 is the same in every "
@@ -121,7 +139,8 @@ class Sparsify(Selection, Pass):
         if self.method != "magnitude" and not ctx.calibration:
             raise PassError(f"sparsify: method {self.method} needs calibration data: set `calibration:` in the "
                             "recipe, or use method magnitude")
-        ratios = self._owl(gm, ctx, by_target) if self.owl else {}
+        ratios = self._owl(gm, ctx, by_target) if self.owl else self._allocate(gm, ctx, by_target) if (
+            self.allocate) else {}
         patterns = {t: sparsity.Pattern(ratio=ratios[t]) if t in ratios else base for t in weights}
         quantized: dict[str, QuantizedWeight] = {}
         if self.method == "magnitude":
@@ -144,9 +163,13 @@ class Sparsify(Selection, Pass):
         gm.meta[KEY] = {**sparse_weights(gm), **{t: str(patterns[t]) for t in weights if t not in quantized}}
         stats = {"sparsified": len(done), "pattern": str(base), "zeros": round(zeros / max(total, 1), 4),
                  "skipped": skipped}
-        if ratios:
+        if ratios and self.owl:
             stats["block_ratios"] = {block_name(by_target[t]) or graph.module_name(t): round(r, 4)
                                      for t, r in ratios.items()}
+        elif ratios:
+            stats["layer_ratios"] = {graph.module_name(t): round(r, 4) for t, r in ratios.items()}
+        if self.allocate:
+            stats["weighed"] = "by the next-token loss's Fisher" if ratios else "no (not a language model)"
         if quantized:
             stats["quantized"] = len(quantized)
         return PassResult(gm, True, stats)
@@ -196,6 +219,28 @@ class Sparsify(Selection, Pass):
             quantized[target] = q
             new = q.dequantize()
         return new
+
+    def _allocate(self, gm: fx.GraphModule, ctx: PassContext, by_target: dict[str, fx.Node]) -> dict[str, float]:
+        """Each selected weight's ratio from Fisher-weighted OBS saliencies on the original program ({} when it
+        is not a language model)."""
+        batches = spread(ctx.calibration, self.allocate_batches)
+        fisher = output_fisher(gm, list(by_target.values()), batches)
+        if fisher is None:
+            log.info("sparsify: %s is not a language model: one ratio for every layer", ctx.program.name)
+            return {}
+        groups = groups_by_input(gm, set(by_target))
+        found: dict[str, torch.Tensor] = {}
+
+        def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
+            for group in groups:
+                if group.lead in got:
+                    H = got[group.lead].inputs.hessian()
+                    for t in group.weights:
+                        w = graph.get_tensor(gm, by_target[t].args[1]).detach()
+                        found[t] = sparsity.saliency(w, H, fisher[by_target[t]], self.damp)
+
+        stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True), on_stats)
+        return sparsity.allocate_ratios(found, float(self.ratio), self.allocate)
 
     def _owl(self, gm: fx.GraphModule, ctx: PassContext, by_target: dict[str, fx.Node]) -> dict[str, float]:
         """Each selected weight's ratio: its block's OWL ratio, from the original program's Wanda scores."""

@@ -72,6 +72,29 @@ def test_refine_and_owl() -> None:
         assert share == pytest.approx(ratios[target.rsplit(".", 3)[0]], abs=0.02), target
 
 
+def test_allocate_spreads_ratios_by_fisher_weighted_saliency() -> None:
+    program = capture_tiny("llama")
+    calib = _calibration()
+    ref = torch.cat([program(*b) for b in calib])
+    one, _ = run_pipeline(program, [Sparsify(ratio=0.5, roles=("block",))], calibration=calib)
+    spread, records = run_pipeline(program, [Sparsify(ratio=0.5, allocate=0.1, roles=("block",))],
+                                   calibration=calib)
+    stats = records[0].stats
+    assert stats["weighed"] == "by the next-token loss's Fisher" and len(stats["layer_ratios"]) == 14
+    assert all(0.4 <= r <= 0.6 for r in stats["layer_ratios"].values())
+    assert len(set(stats["layer_ratios"].values())) > 3 and stats["zeros"] == pytest.approx(0.5, abs=0.002)
+    assert sqnr(ref, torch.cat([spread(*b) for b in calib])) > sqnr(ref, torch.cat([one(*b) for b in calib]))
+
+
+def test_an_encoder_keeps_one_ratio_when_asked_to_allocate() -> None:
+    from tests.test_recipes_architectures import _program
+
+    program, batches = _program("bert")
+    out, records = run_pipeline(program, [Sparsify(ratio=0.5, allocate=0.1, roles=("block",))], calibration=batches)
+    assert records[0].stats["weighed"] == "no (not a language model)" and "layer_ratios" not in records[0].stats
+    assert records[0].stats["zeros"] == pytest.approx(0.5, abs=0.002)
+
+
 def test_quantization_after_keeps_the_zeros_and_exports(tmp_path) -> None:  # noqa: ANN001
     from graphpress.lowering.onnx import export_onnx
 
@@ -141,6 +164,10 @@ def test_refusals() -> None:
         Sparsify(method="wanda", ratio=0.5, bits=4)
     with pytest.raises(ValueError, match="pattern like 2:4 is the same"):
         Sparsify(pattern="2:4", owl=0.05)
+    with pytest.raises(ValueError, match="give one"):
+        Sparsify(ratio=0.5, owl=0.05, allocate=0.05)
+    with pytest.raises(ValueError, match="spreads a ratio"):
+        Sparsify(pattern="2:4", allocate=0.05)
     with pytest.raises(ValueError, match="method must be one of"):
         Sparsify(method="obs", ratio=0.5)
     program = capture_tiny("llama")

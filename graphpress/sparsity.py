@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphpress.quant.gptq import _inverse_cholesky_upper
+from graphpress.quant.gptq import inverse_cholesky_upper
 from graphpress.quant.qweight import check_weight
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -154,7 +154,7 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, damp: float
     H[dead, dead] = 1
     Wt[dead] = 0
     H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)
-    U = _inverse_cholesky_upper(H, damp)  # [K, K]
+    U = inverse_cholesky_upper(H, damp)  # [K, K]
     u_diag = torch.diagonal(U)
 
     Mt = torch.zeros(k, n, dtype=torch.bool, device=w.device)  # [K, N] True: pruned

@@ -57,7 +57,7 @@ def _params(w: torch.Tensor, spec: QuantSpec, clip_search: bool, gram: torch.Ten
     return s[:, 0], z[:, 0]
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper triangular U [K, K] float32 with U^T U = H^-1, from one Cholesky and one triangular inverse.
 
     With J the reversal, chol(J H J) = M gives H = R R^T for the upper R = J M J, so H^-1 = R^-T R^-1 and
@@ -151,7 +151,7 @@ def gptq_quantize(
         Mt = None if Mt is None else Mt[perm]
 
     H += damping  # lambda I is unchanged by the permutation
-    U = _inverse_cholesky_upper(H, damp)  # [K, K] upper, U^T U = H^-1
+    U = inverse_cholesky_upper(H, damp)  # [K, K] upper, U^T U = H^-1
 
     dynamic = grouped and not static
     if dynamic:  # a group must lie inside one block so that its parameters see every earlier update

@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from graphpress import kv_cache
 from graphpress.errors import describe, one_line
 from graphpress.program import Program
 
@@ -43,6 +44,7 @@ def capture(
     dynamic_dims: Sequence[Mapping[int, str]] | None = None,
     name: str | None = None,
     kind: str | None = None,
+    cache: bool = True,
 ) -> Program:
     """Capture ``model`` as a Program.
 
@@ -54,6 +56,10 @@ def capture(
     torch.export specializes size 1; the program and its ONNX export stay dynamic there.
     Outputs: ``logits`` (causal LMs) or ``last_hidden_state`` (encoders) for Hugging Face models; else every
     tensor the forward returns, flattened (``output``, or ``output_0, output_1, ...``; a dict's keys).
+    cache: a Hugging Face causal LM given only ``input_ids`` is traced with its KV cache as inputs and outputs
+    (graphpress.kv_cache), then detached from it, so the program is still ``input_ids -> logits`` and lowering
+    gives the cache back. A model whose cache cannot be traced this way is captured without one (logged,
+    and ``program.meta["kv_cache"]`` says why).
     """
     name = name or type(model).__name__
     named, positional = _bind_inputs(model, example_inputs, name)
@@ -78,6 +84,18 @@ def capture(
         raise ValueError(f"dynamic_dims has {len(dynamic_dims)} entries for {len(input_names)} tensor inputs of {name}")
     inputs = tuple(_widen(named[k], dims) for k, dims in zip(input_names, dynamic_dims, strict=True))
 
+    meta: dict[str, Any] = {}
+    if hf_kind == "causal-lm" and cache:
+        if input_names == ("input_ids",) and not constants and not positional:
+            try:
+                program = _capture_with_cache(model, inputs[0], dynamic_dims[0], name, kind)
+                log.info("captured %s with its KV cache: %d nodes", name, len(program.gm.graph.nodes))
+                return program
+            except (CaptureError, kv_cache.CacheError) as e:
+                meta["kv_cache"] = f"captured without a KV cache: {one_line(e, 300)}"
+                log.info("%s: %s", name, meta["kv_cache"])
+        else:
+            meta["kv_cache"] = "captured without a KV cache: the example inputs are more than input_ids"
     was_training = model.training
     model.eval()
     try:
@@ -103,7 +121,76 @@ def capture(
         dynamic_dims=dynamic_dims,
         name=name,
         kind=kind,
+        meta=meta,
     )
+
+
+def _capture_with_cache(model: nn.Module, ids: torch.Tensor, dims: dict[int, str], name: str, kind: str
+                        ) -> Program:
+    """Trace ``model`` with its cache as inputs and outputs, then detach the cache (graphpress.kv_cache)."""
+    layout = _cache_layout(model, ids, name)
+    inputs = kv_cache.example_inputs(ids, layout)
+    names = ["input_ids", "attention_mask", "position_ids", *[f"past_{i}" for i in range(2 * layout.layers)]]
+    view = _cache_view(model, names, layout)
+    shapes = tuple({d: torch.export.Dim.DYNAMIC for d in dd} for dd in kv_cache.dynamic_dims(layout))
+    was_training = model.training
+    model.eval()
+    try:
+        with _module_tracker(model) as active, _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                ep = torch.export.export(view, inputs, dynamic_shapes=shapes, strict=False)
+            except Exception as e:  # torch.export raises many types
+                raise CaptureError(_explain(name, e, active)) from e
+    finally:
+        model.train(was_training)
+    gm = torch.nn.Module.train(ep.module(), False)
+    kv_cache.detach(gm, layout)
+    return Program(gm=gm, example_inputs=(ids,), input_names=("input_ids",), output_names=(HF_OUTPUT["causal-lm"],),
+                   dynamic_dims=(dict(dims),), name=name, kind=kind)
+
+
+def _cache_layout(model: nn.Module, ids: torch.Tensor, name: str) -> kv_cache.CacheLayout:
+    """Layers, key/value heads and head size of the cache the model fills for two tokens."""
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids[:1, :2], use_cache=True)
+    except Exception as e:
+        raise CaptureError(f"cannot run {name} with a cache: {type(e).__name__}: {one_line(e, 200)}") from e
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise CaptureError(f"{name} returns no cache of key/value layers ({type(cache).__name__})")
+    shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in layers
+              if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None}
+    if len(shapes) != 1 or len(next(iter(shapes))[0]) != 4 or next(iter(shapes))[0] != next(iter(shapes))[1]:
+        raise CaptureError(f"{name}'s cache layers are not all keys and values of one shape ({sorted(shapes)})")
+    (_, heads, _, head_dim), _ = next(iter(shapes))
+    dtype = str(layers[0].keys.dtype).removeprefix("torch.")
+    return kv_cache.CacheLayout(len(layers), heads, head_dim, dtype)
+
+
+def _cache_view(model: nn.Module, names: list[str], layout: kv_cache.CacheLayout) -> nn.Module:
+    """A view of ``model`` whose forward takes ids, mask, positions and the past tensors and returns the
+    logits and the present tensors."""
+    from transformers import DynamicCache
+
+    cls = type(model)
+    key = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+    def forward(self: nn.Module, *args: torch.Tensor) -> Any:
+        ids, mask, positions, *past = args
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layout.layers)])
+        out = cls.forward(self, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{key: cache})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+    P = inspect.Parameter
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD) for n in names])
+    view = copy.copy(model)
+    view.__class__ = type(f"{cls.__name__}Captured", (cls,), {"forward": forward})
+    return view
 
 
 def _bind_inputs(model: nn.Module, example_inputs: Any, name: str) -> tuple[dict[str, Any], bool]:

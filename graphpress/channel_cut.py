@@ -67,7 +67,7 @@ def prune(an: Analysis, removed: set[int]) -> dict[str, int]:
     mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
     # only what the cut reaches is re-inferred (values no channel flows through keep theirs: a rotary
     # table computed under a higher-order op, say)
-    changed: set[fx.Node] = set(keeps)
+    changed: set[fx.Node] = set(keeps) | {n for n in gm.graph.nodes if n.target in FACTORIES}
     cut = {alias for name in counts for alias in names.get(name, [name])}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in cut:
@@ -137,6 +137,21 @@ def _copy_dims_first(node: fx.Node, rank: int) -> list[int]:
     return copied + [d for d in range(rank) if d not in copied]
 
 
+FACTORIES = (aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default)
+
+
+def _concatenated_into(node: fx.Node, keeps: dict[fx.Node, _Kept], depth: int = 3) -> tuple[fx.Node, int] | None:
+    """The first concatenation downstream of ``node`` (through concatenations only) that carries channels, and
+    its dimension."""
+    for user in node.users:
+        if user.target is aten.cat.default:
+            if user in keeps and any(keeps[user].cut(d) for d in range(len(keeps[user].sizes))):
+                return user, user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+            if depth > 1 and (found := _concatenated_into(user, keeps, depth - 1)) is not None:
+                return found
+    return None
+
+
 def _rewrite_constants(node: fx.Node, keeps: dict[fx.Node, _Kept]) -> None:
     target = node.target
     out = keeps.get(node)
@@ -149,6 +164,15 @@ def _rewrite_constants(node: fx.Node, keeps: dict[fx.Node, _Kept]) -> None:
             if out.cut(d) and isinstance(sizes[d], int) and sizes[d] != -1:
                 sizes[d] = out.sizes[d]
         node.args = (node.args[0], sizes, *node.args[2:])
+    elif target in FACTORIES and _concatenated_into(node, keeps) is not None:
+        # an empty tensor concatenated with channels (a KV cache before its first token: graphpress.kv_cache)
+        # takes the sizes they keep, but along the concatenation
+        into, dim = _concatenated_into(node, keeps)  # type: ignore[misc]
+        sizes = list(node.args[0])
+        for d in range(len(sizes)):
+            if d != dim % len(sizes) and keeps[into].cut(d) and isinstance(sizes[d], int):
+                sizes[d] = keeps[into].sizes[d]
+        node.args = (sizes, *node.args[1:])
     elif target in (aten.slice.Tensor, aten.narrow.default) and in_keep is not None:
         dim = node.args[1] if len(node.args) > 1 else 0
         k = in_keep[dim]

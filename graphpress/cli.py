@@ -2,6 +2,7 @@
 
     graphpress compress [MODEL] [--recipe R] --out DIR
     graphpress eval TARGET [--json FILE]
+    graphpress generate TARGET --prompt TEXT [--max-new-tokens N] [--greedy]
 
 Bad input (unknown model, missing file, unreadable recipe, uncapturable model, occupied output directory,
 too little calibration text) ends with one line on stderr naming what is wrong and what to do, and exit 1
@@ -114,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
                         "gensim==4.4.0`)")
     e.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
     e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="generate text from a causal LM: a model name, a Hugging Face directory "
+                                        "or a graphpress output directory (onnxruntime, with its KV cache)")
+    g.add_argument("target", help="a model name, a Hugging Face directory or a graphpress output directory")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
+    g.add_argument("--greedy", action="store_true",
+                   help="the likeliest token each step (default: sampled from the 50 likeliest)")
+    g.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    g.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    g.set_defaults(func=_generate)
     return p
 
 
@@ -195,6 +207,59 @@ def _eval(args: argparse.Namespace) -> int:
         if result.get("shortened_from") else ""
     which = ", held-out text" if args.text == "heldout" else ""
     print(f"{result['metric']}: {result['value']:.4f} ({runtime}{which}){shortened}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from graphpress import generate as gen
+    from graphpress.compress import resolve_source
+    from graphpress.lowering.onnx import onnx_metadata
+    from graphpress.models import load_tokenizer
+
+    target = args.target
+    if args.max_new_tokens < 1:
+        raise gen.GenerationError(f"--max-new-tokens is {args.max_new_tokens}: ask for at least 1")
+    onnx_file = _onnx_file(target)
+    if onnx_file is not None:
+        kind = onnx_metadata(onnx_file).get("kind", "module")
+        context_text = onnx_metadata(onnx_file).get("context", "")
+        if kind != "causal-lm":
+            what = "an encoder (it embeds text)" if kind == "encoder" else "a plain module"
+            raise gen.GenerationError(f"{target} holds {what}: generate needs a causal language model")
+        tokenizer, why = load_tokenizer(onnx_file.parent)
+        if tokenizer is None:
+            raise gen.GenerationError(f"{why}: save the model's tokenizer beside {onnx_file.name} "
+                                      "(tokenizer.save_pretrained(DIR))")
+        context = int(context_text) if context_text.isdigit() else None
+        step, runtime = gen.onnx_step(onnx_file, args.threads), "onnxruntime"
+    else:
+        src = resolve_source(target)
+        if src.kind != "causal-lm":
+            raise gen.GenerationError(f"{target} is {'an encoder' if src.kind == 'encoder' else 'a plain module'}: "
+                                      "generate needs a causal language model")
+        src.need_text("generation")
+        tokenizer, context = src.tokenizer, src.context
+        step, runtime = gen.torch_step(src.model), "torch"
+    prompt = list(tokenizer(args.prompt)["input_ids"])
+    gen.check_prompt(prompt, context, target)
+    room = context - len(prompt) if context else args.max_new_tokens
+    eos = tokenizer.eos_token_id
+    shown = ""
+    tokens: list[int] = []
+
+    def show(token: int) -> None:
+        nonlocal shown
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    result = gen.decode(step, prompt, min(args.max_new_tokens, room), greedy=args.greedy,
+                        eos=() if eos is None else (eos,), seed=args.seed, on_token=show, runtime=runtime)
+    speed = f", {result.tokens_per_second:.1f} tokens/s" if result.tokens_per_second else ""
+    print(f"\n[{runtime}: {result.prompt_tokens} prompt tokens, {len(result.tokens)} new; time to first token "
+          f"{result.first_token_ms:.0f} ms{speed}]")
     return 0
 
 

@@ -32,8 +32,10 @@ from graphpress import evaluation as ev
 from graphpress.calibration_file import UserCalibration
 from graphpress.capture import capture
 from graphpress.errors import describe, one_line
+from graphpress.kv_cache import CacheLayout
 from graphpress.latency import latencies
-from graphpress.lowering.onnx import export_onnx, ort_forward
+from graphpress.lowering.genai import write_genai_config
+from graphpress.lowering.onnx import ExportResult, export_onnx, ort_forward
 from graphpress.lowering.targets import DEFAULT_TARGET, target_rules
 from graphpress.memory import release_memory
 from graphpress.models import (
@@ -342,7 +344,8 @@ def compress(
     fingerprint = cache.key(ct.model_fingerprint(program.gm), program.name, src.kind,
                             [(tuple(x.shape), x.dtype) for x in program.example_inputs if hasattr(x, "shape")])
     feed = latency_feed(src, program) if evaluate else None
-    hf_config = getattr(src.model, "config", None) if rec.structural() else None
+    model_config = getattr(src.model, "config", None)
+    hf_config = model_config if rec.structural() else None
     # from here on the program is the model: the passes rewrite it in place, so that the weights they replace
     # are freed, and "before" is the uncompressed program's export, evaluated in the same runtime
     src.model = None
@@ -363,6 +366,7 @@ def compress(
                     "source": src.source, "recipe": rec.name, "context": src.context or ""})
             if src.tokenizer is not None and hasattr(src.tokenizer, "save_pretrained"):
                 src.tokenizer.save_pretrained(tmp)  # `graphpress eval` and runtimes read it beside model.onnx
+            genai = _genai(exported, model_config, src, tmp) if src.kind == "causal-lm" else None
             hf = None
             if hf_config is not None:
                 with timer("hf"):
@@ -377,6 +381,7 @@ def compress(
                 "bytes": {"before": before["bytes"], "after": compressed.num_bytes(), "onnx_file": exported.bytes},
                 "onnx": {**exported.to_json(), "path": "model.onnx"},
                 "hf": hf,
+                "genai": genai,
                 "evaluation": None,
                 "latency": None,
                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
@@ -395,6 +400,18 @@ def compress(
             report["timings"] = timer.seconds
             (tmp / "report.json").write_text(json.dumps(clean_json(report), indent=2))
     return report
+
+
+def _genai(exported: ExportResult, config: Any, src: Source, folder: Path) -> dict[str, Any]:
+    """onnxruntime-genai's config beside a causal LM's model.onnx (graphpress.lowering.genai), or why not."""
+    if not isinstance(exported.kv_cache, dict):
+        return {"skipped": exported.kv_cache or "the export has no KV cache"}
+    if config is None or not hasattr(config, "vocab_size"):
+        return {"skipped": f"{src.name} has no Hugging Face config to describe it"}
+    if src.tokenizer is None or not hasattr(src.tokenizer, "save_pretrained"):
+        return {"skipped": f"{src.no_tokenizer or src.name + ' has no tokenizer'}: onnxruntime-genai needs one"}
+    path = write_genai_config(folder, CacheLayout.from_json(exported.kv_cache), config, src.context)
+    return {"path": path.name}
 
 
 def _save_hf(program: Program, config: Any, folder: Path, tokenizer: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from graphpress import provenance
+from graphpress import kv_cache, provenance
 
 
 @dataclass
@@ -87,11 +87,18 @@ class Program:
         """Save the program in torch.export's format (a ``.pt2`` archive: graph, weights, sample batch) with
         graphpress's facts beside it, so ``Program.load`` gives it back without re-running passes."""
         path = Path(path)
-        ep = torch.export.export(self.gm, self.example_inputs, dynamic_shapes=self.torch_dynamic_shapes(),
-                                 strict=False)
+        gm, inputs, dynamic_dims = self.gm, self.example_inputs, self.dynamic_dims
+        cache = kv_cache.layout(self.gm)
+        if cache is not None:  # saved with its cache attached: the marks are node metadata, which export drops
+            gm, _ = kv_cache.attach(self.gm)
+            inputs, dynamic_dims = kv_cache.example_inputs(inputs[0], cache), kv_cache.dynamic_dims(cache)
+        ep = torch.export.export(gm, inputs, strict=False,
+                                 dynamic_shapes=tuple({d: torch.export.Dim.DYNAMIC for d in dims}
+                                                      for dims in dynamic_dims))
         facts = {"input_names": self.input_names, "output_names": self.output_names,
                  "dynamic_dims": [{str(d): n for d, n in dims.items()} for dims in self.dynamic_dims],
-                 "name": self.name, "kind": self.kind, "provenance": provenance.to_json(self.gm)}
+                 "name": self.name, "kind": self.kind, "provenance": provenance.to_json(self.gm),
+                 "kv_cache": cache.to_json() if cache else None}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(ep, path, extra_files={_FACTS: json.dumps(facts)})
         return path
@@ -108,6 +115,9 @@ class Program:
         facts = json.loads(extra[_FACTS])
         args = ep.example_inputs[0] if ep.example_inputs else ()
         gm = torch.nn.Module.train(ep.module(), False)
+        if facts.get("kv_cache"):
+            kv_cache.detach(gm, kv_cache.CacheLayout.from_json(facts["kv_cache"]))
+            args = args[:1]
         provenance.restore(gm, facts.get("provenance", {}))
         return cls(gm=gm, example_inputs=tuple(args), input_names=tuple(facts["input_names"]),
                    output_names=tuple(facts["output_names"]),

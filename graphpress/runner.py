@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
-from graphpress import provenance
+from graphpress import kv_cache, provenance
 from graphpress.errors import describe
 from graphpress.memory import release_memory
 from graphpress.metrics import compare_outputs
@@ -70,7 +70,7 @@ class PassRecord:
         return asdict(self)
 
 
-CARRIED_META = (sparsify.KEY,)  # facts of the program a pass's new GraphModule keeps (provenance: restored)
+CARRIED_META = (sparsify.KEY, kv_cache.META)  # facts of the program a pass's new GraphModule keeps (provenance: restored)
 RELEASE_BYTES = 64_000_000  # programs above this size hand freed heap back after every pass
 
 

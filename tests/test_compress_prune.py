@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphpress import kv_cache
 from graphpress.compress import compress
 from graphpress.lowering.onnx import ort_session
 from tests.hf_tiny import save_tiny
@@ -37,7 +38,7 @@ def test_pruned_llama_is_written_back_as_hugging_face(recipe: str, tmp_path: Pat
     with torch.no_grad():
         expected = model(ids).logits.numpy()
     session = ort_session(out / "model.onnx")
-    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    got = session.run(None, kv_cache.complete_feed({"input_ids": ids.numpy()}, session.get_inputs()))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert (out / "hf" / "tokenizer.json").is_file()
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import onnxscript
 import torch
 from onnx import numpy_helper
 
+from graphpress import kv_cache
 from graphpress.errors import one_line
 from graphpress.lowering.onnxruntime_rules import onnxruntime_rules
 from graphpress.lowering.rules import RuleTable, TargetError, apply_rules, emulation
@@ -48,9 +50,12 @@ class ExportResult:
     bytes: int  # the .onnx file plus its external data, if any
     lowered: dict[str, int]  # custom op -> nodes lowered by rules
     check: dict[str, float] | None  # torch program vs onnxruntime on the sample batch
+    # the KV cache the file takes and returns (graphpress.kv_cache), or why it has none; None: not a causal LM
+    kv_cache: dict[str, Any] | str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "bytes": self.bytes, "lowered": self.lowered, "check": self.check}
+        return {"path": str(self.path), "bytes": self.bytes, "lowered": self.lowered, "check": self.check,
+                "kv_cache": self.kv_cache}
 
 
 def export_onnx(
@@ -75,9 +80,9 @@ def export_onnx(
     path = Path(path)
     rules = rules if rules is not None else onnxruntime_rules()
     opset = rules.opset if rules.opset is not None else opset
-    size, lowered, floor = _write(program, path, rules, metadata, opset)  # its copies freed before the check
+    size, lowered, floor, cache = _write(program, path, rules, metadata, opset)  # copies freed before the check
     log.info("exported %s to %s (%.1f MB, lowered %s)", program.name, path, size / 1e6, lowered)
-    result = ExportResult(path, size, lowered, None)
+    result = ExportResult(path, size, lowered, None, cache)
     if check:
         # against what the runtime is meant to compute (the rules' emulations) and against the program itself
         result.check = c = {**check_onnx(program, path, emulated=emulation(program.gm, rules)), "floor_db": floor}
@@ -92,19 +97,21 @@ def export_onnx(
 
 
 def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, str] | None, opset: int
-           ) -> tuple[int, dict[str, int], float]:
-    """Export ``program`` to ``path``; the file's size, the nodes lowered per op and the check's floor. Each
-    copy of the weights (the exporter's model, its proto) is dropped as soon as the next one exists."""
+           ) -> tuple[int, dict[str, int], float, dict[str, Any] | str | None]:
+    """Export ``program`` to ``path``; the file's size, the nodes lowered per op, the check's floor and its KV
+    cache. Each copy of the weights (the exporter's model, its proto) is dropped as soon as the next one
+    exists."""
     gm, lowered, floor = apply_rules(program.gm, rules)
+    gm, sig, cache = _signature(program, gm)
     try:
         exported = torch.onnx.export(
             gm,
-            program.example_inputs,
+            sig.inputs,
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=program.torch_dynamic_shapes(),
-            input_names=list(program.input_names),
-            output_names=list(program.output_names),
+            dynamic_shapes=tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in sig.dynamic_dims),
+            input_names=list(sig.input_names),
+            output_names=list(sig.output_names),
             optimize=False,
             verbose=False,
         )
@@ -130,7 +137,7 @@ def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, s
     proto = exported.model_proto
     del exported  # the exporter's in-memory model: the proto holds the weights now
     model = compact(proto)
-    name_dynamic_dims(model, program)
+    name_dynamic_dims(model, sig.dynamic_dims)
     for key, value in {"model": program.name, "kind": program.kind, **(metadata or {})}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, str(value)
@@ -138,7 +145,33 @@ def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, s
     large = program.num_bytes() > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data" if large else None)
     size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if large else 0)
-    return size, lowered, floor
+    return size, lowered, floor, cache
+
+
+@dataclass
+class _Signature:
+    inputs: tuple[torch.Tensor, ...]
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    dynamic_dims: Sequence[dict[int, str]]
+
+
+def _signature(program: Program, gm: torch.fx.GraphModule
+               ) -> tuple[torch.fx.GraphModule, _Signature, dict[str, Any] | str | None]:
+    """The graph to export and its inputs and outputs: a causal LM's with its KV cache attached
+    (graphpress.kv_cache), so one file serves prefill and decode; the cache's layout, or why there is none."""
+    plain = _Signature(program.example_inputs, program.input_names, program.output_names, program.dynamic_dims)
+    cache = kv_cache.layout(gm)
+    if cache is None:
+        return gm, plain, program.meta.get("kv_cache") if program.kind == "causal-lm" else None
+    try:
+        attached, cache = kv_cache.attach(gm)
+    except kv_cache.CacheError as e:
+        log.warning("%s: exported without its KV cache: %s", program.name, e)
+        return gm, plain, f"exported without a KV cache: {e}"
+    sig = _Signature(kv_cache.example_inputs(program.example_inputs[0], cache), cache.input_names(),
+                     cache.output_names(), kv_cache.dynamic_dims(cache))
+    return attached, sig, cache.to_json()
 
 
 def _cause(e: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -189,11 +222,11 @@ def _keep_packed(node: onnx_ir.Node) -> bool | None:
     return None
 
 
-def name_dynamic_dims(model: onnx.ModelProto, program: Program) -> None:
+def name_dynamic_dims(model: onnx.ModelProto, dynamic_dims: Sequence[dict[int, str]]) -> None:
     """The exporter names dynamic dimensions after its symbols (``s77``): name them as the program does
     (``batch``, ``seq``) in the graph's inputs and outputs."""
     renames: dict[str, str] = {}
-    for value, dims in zip(model.graph.input, program.dynamic_dims, strict=False):
+    for value, dims in zip(model.graph.input, dynamic_dims, strict=False):
         for d, name in dims.items():
             dim = value.type.tensor_type.shape.dim
             if d < len(dim) and dim[d].dim_param and dim[d].dim_param not in renames:
@@ -268,10 +301,11 @@ def ort_forward(path: str | os.PathLike[str], threads: int = 0) -> Any:
     """``forward(*tensors) -> np.ndarray`` over an onnxruntime session of ``path``."""
     session = ort_session(path, threads)
     names = [i.name for i in session.get_inputs()]
+    first = [session.get_outputs()[0].name]
 
     def forward(*inputs: torch.Tensor) -> np.ndarray:
         feed = {n: (x.numpy() if isinstance(x, torch.Tensor) else x) for n, x in zip(names, inputs, strict=False)}
-        return session.run(None, feed)[0]
+        return session.run(first, kv_cache.complete_feed(feed, session.get_inputs()))[0]
 
     return forward
 
@@ -290,7 +324,8 @@ def check_onnx(program: Program, path: str | os.PathLike[str], inputs: tuple[tor
     inputs = inputs or _other_batch(program)
     session = ort_session(path)
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)}
-    out = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+    feed = kv_cache.complete_feed(feed, session.get_inputs())
+    out = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)][: len(program.output_names)]
     del session
     plain = compare_outputs(program.outputs(*inputs), out, program.output_names)[0]
     if emulated is None:

@@ -76,7 +76,7 @@ SINGLES = {
     "model.layers.0.mlp.down_proj": "single linear reading mul_19",
     "model.layers.1.self_attn.o_proj": "single linear reading reshape_7",
     "model.layers.1.mlp.down_proj": "single linear reading mul_28",
-    "lm_head": "single linear reading slice_23",
+    "lm_head": "single linear reading slice_21",
 }
 
 

@@ -194,6 +194,16 @@ def attach(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     if missing:
         raise CacheError(f"a pass removed the cache's {missing[0]} node ({len(missing)} of "
                          f"{3 + 4 * cache.layers - 1} marks missing), so the program cannot serve generation")
+    # a pass may have cut heads (pruning): the layout is what the presents hold now
+    shapes = {tuple(marked[n].meta["val"].shape[i] for i in (1, 3)) for n in cache.present_names()
+              if isinstance(marked[n].meta.get("val"), torch.Tensor)}
+    if len(shapes) > 1:
+        raise CacheError(f"the layers keep different key/value heads or head sizes ({sorted(shapes)}): one cache "
+                         "layout cannot describe them")
+    if shapes:
+        (heads, head_dim), = shapes
+        cache = CacheLayout(cache.layers, int(heads), int(head_dim), cache.dtype)
+        gm.meta[META] = cache.to_json()
     ids = next(iter(graph.find_nodes(op="placeholder")))
     last = ids
     for name in ["attention_mask", "position_ids", *cache.past_names()]:

@@ -90,7 +90,7 @@ class Program:
         gm, inputs, dynamic_dims = self.gm, self.example_inputs, self.dynamic_dims
         cache = kv_cache.layout(self.gm)
         if cache is not None:  # saved with its cache attached: the marks are node metadata, which export drops
-            gm, _ = kv_cache.attach(self.gm)
+            gm, cache = kv_cache.attach(self.gm)
             inputs, dynamic_dims = kv_cache.example_inputs(inputs[0], cache), kv_cache.dynamic_dims(cache)
         ep = torch.export.export(gm, inputs, strict=False,
                                  dynamic_shapes=tuple({d: torch.export.Dim.DYNAMIC for d in dims}

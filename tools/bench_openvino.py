@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from graphpress import evaluation as ev
+from graphpress import kv_cache
 from graphpress.compress import clean_json, resolve_source
 from graphpress.lowering.onnx import onnx_metadata, ort_forward, ort_session
 
@@ -43,10 +44,11 @@ def openvino_model(path: Path) -> Any:
 def openvino_forward(path: Path) -> Any:
     compiled = openvino_model(path)
     names = [i.get_any_name() for i in compiled.inputs]
+    declared = ort_session(path).get_inputs()  # names, shapes and types of the cache inputs, if any
 
     def forward(*inputs: Any) -> np.ndarray:
         feed = {n: (x.numpy() if hasattr(x, "numpy") else x) for n, x in zip(names, inputs, strict=False)}
-        return compiled(feed)[0]
+        return compiled(kv_cache.complete_feed(feed, declared))[0]
 
     return forward
 
@@ -69,7 +71,7 @@ def measure(artifact: str, args: argparse.Namespace) -> dict[str, Any]:
     if src.kind != "causal-lm":
         sys.exit(f"bench_openvino: {artifact} is a {src.kind}; this benchmark measures causal LMs")
     ids = ev.eval_windows(ev.token_stream(src.tokenizer))[0, : args.tokens][None].numpy()
-    feed = {"input_ids": ids}
+    feed = kv_cache.complete_feed({"input_ids": ids}, ort_session(path).get_inputs())  # a causal LM's cache: empty
     result: dict[str, Any] = {"artifact": artifact, "recipe": meta.get("recipe", "?"), "bytes": file_bytes(path),
                               "standard_onnx": standard_onnx(path)}
     if result["standard_onnx"]:

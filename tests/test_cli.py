@@ -70,7 +70,7 @@ def test_compress_plain_module_from_file(tmp_path: Path, capsys: pytest.CaptureF
     assert sorted(p.name for p in out.iterdir()) == [".graphpress", "model.onnx", "report.json"]
     assert [p["name"] for p in report["passes"]] == ["remove_noops", "linearize_matmuls", "fold_batchnorm",
                                                      "fold_norm_scales", "merge_sibling_linears", "fuse_rms_norm",
-                                                     "fuse_rotary"]
+                                                     "fuse_rotary", "fuse_attention"]
     assert report["passes"][2]["stats"]["folded"] == 1 and report["onnx"]["check"]["max_rel"] < 1e-5
     assert report["evaluation"] is None
     _no_leftovers(tmp_path)

@@ -65,7 +65,7 @@ def test_onnxruntime_genai_loads_the_output_and_generates_as_transformers(compre
     model_dir, out = compressed
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == 2
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention appends in place
     report = json.loads((out / "report.json").read_text())
     assert report["genai"] == {"path": "genai_config.json"}
     model = og.Model(str(out))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from graphpress.kernels.attention import cached_attention_reference
 from graphpress.kernels.quantized import (
     fake_quantize_reference,
     quantized_embedding_reference,
@@ -21,4 +22,5 @@ REFERENCES: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.graphpress.quantized_embedding.default: quantized_embedding_reference,
     torch.ops.graphpress.fake_quantize.default: fake_quantize_reference,
     torch.ops.graphpress.rotary_embedding.default: rotary_embedding_reference,
+    torch.ops.graphpress.cached_attention.default: cached_attention_reference,
 }

@@ -1,9 +1,11 @@
 """What onnxruntime-genai needs beside a causal LM's ``model.onnx``: its ``genai_config.json``.
 
 The file names the inputs and outputs the export uses (graphpress.kv_cache's names), the cache's layout and
-the model's special tokens; the tokenizer files are written beside it by ``compress``. The present keys and
-values are the past ones with the new tokens appended (the graph concatenates), so the runtime must not
-share one buffer between past and present (``past_present_share_buffer: false``).
+the model's special tokens; the tokenizer files are written beside it by ``compress``. Where every present
+key and value comes out of onnxruntime's GroupQueryAttention (graphpress::cached_attention lowered), the
+kernel appends the new tokens in place, so the runtime keeps one buffer of the whole context for past and
+present (``past_present_share_buffer: true``, no copy of the cache per token); where the graph concatenates,
+it must not (``false``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from graphpress.kv_cache import CacheLayout
 CONFIG = "genai_config.json"
 
 
-def genai_config(cache: CacheLayout, config: Any, context: int | None, filename: str = "model.onnx"
-                 ) -> dict[str, Any]:
+def genai_config(cache: CacheLayout, config: Any, context: int | None, filename: str = "model.onnx",
+                 share_buffer: bool = False) -> dict[str, Any]:
     """onnxruntime-genai's configuration for a decoder-only model exported with ``cache`` (a Hugging Face
     ``config`` gives the vocabulary, widths and special tokens)."""
     vocab = int(config.vocab_size)
@@ -46,13 +48,25 @@ def genai_config(cache: CacheLayout, config: Any, context: int | None, filename:
              "type": "decoder", "vocab_size": vocab}
     search = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
               "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-              "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+              "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
               "temperature": 1.0, "top_k": 1, "top_p": 1.0}
     return {"model": model, "search": search}
+
+
+def presents_in_place(model: str | os.PathLike[str]) -> bool:
+    """Whether every present output of the ONNX file at ``model`` comes out of a GroupQueryAttention node (which
+    can append to a past buffer shared with its present)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    presents = [o.name for o in graph.output if o.name.startswith("present.")]
+    return bool(presents) and all(producers.get(p) == "GroupQueryAttention" for p in presents)
 
 
 def write_genai_config(folder: str | os.PathLike[str], cache: CacheLayout, config: Any, context: int | None,
                        filename: str = "model.onnx") -> Path:
     path = Path(folder) / CONFIG
-    path.write_text(json.dumps(genai_config(cache, config, context, filename), indent=2) + "\n")
+    share = presents_in_place(Path(folder) / filename)
+    path.write_text(json.dumps(genai_config(cache, config, context, filename, share), indent=2) + "\n")
     return path

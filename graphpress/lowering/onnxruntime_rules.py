@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress.cached_attention)
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
 from graphpress.graph import get_tensor, set_tensor
@@ -336,11 +337,65 @@ def _embedding_rule() -> Callable[..., torch.Tensor]:
     return lower
 
 
+def _rotary_halves(cos: torch.Tensor, sin: torch.Tensor, batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """graphpress::rotary_embedding's [B or 1, 1, S, D] tables as ONNX RotaryEmbedding reads them, [B, S, D/2]
+    (fuse_rotary checked that the halves repeat)."""
+    half = cos.shape[-1] // 2
+    return tuple(t[:, 0, :, :half].expand(batch, -1, -1) for t in (cos, sin))
+
+
 def rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
-    """ONNX RotaryEmbedding (opset 23) reads cos/sin as [B, S, D/2]: fuse_rotary checked that the halves repeat."""
-    half = x.shape[-1] // 2
-    cos, sin = (t[:, 0, :, :half].expand(x.shape[0], -1, -1) for t in (cos, sin))
-    return torch.onnx.ops.rotary_embedding(x, cos, sin)
+    """ONNX RotaryEmbedding (opset 23) of [B, H, S, D]."""
+    return torch.onnx.ops.rotary_embedding(x, *_rotary_halves(cos, sin, x.shape[0]))
+
+
+def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, heads, kv_heads, scale):  # noqa: ANN001, ANN202
+    """graphpress::cached_attention as one com.microsoft GroupQueryAttention (after one RotaryEmbedding of q and
+    one of k, which read tokens [B, S, H * D] as they are): the causal mask is built inside from each row's length
+    (the attention mask's sum), so the runtime reads padding as trailing (right padding, as onnxruntime-genai
+    feeds it)."""
+    b, s, _ = q.shape
+    d = int(past_k.shape[3])
+    total = past_k.shape[2] + s
+    if cos is not None:
+        halves = _rotary_halves(cos, sin, b)
+        q, k = (torch.onnx.ops.rotary_embedding(x, *halves, num_heads=n) for x, n in ((q, heads), (k, kv_heads)))
+    lengths = (mask.sum(-1) - 1).to(torch.int32)
+    longest = torch.scalar_tensor(mask.shape[-1], dtype=torch.int32)
+    out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+        f"{MS}::GroupQueryAttention",
+        [q, k, v, past_k, past_v, lengths, longest],
+        attrs={"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)},
+        dtypes=[q.dtype, past_k.dtype, past_v.dtype],
+        shapes=[[b, s, heads * d], [b, kv_heads, total, d], [b, kv_heads, total, d]],
+        version=1,
+    )
+    return out, present_k, present_v
+
+
+def rms_norm_rule(x, normalized_shape, weight=None, eps=None):  # noqa: ANN001, ANN202
+    """aten.rms_norm as SimplifiedLayerNormalization (onnxruntime's RMS norm, in the ONNX domain), which
+    onnxruntime's optimizer fuses with the residual Add before it into one SkipSimplifiedLayerNormalization; it
+    leaves ONNX's RMSNormalization (opset 23) as two nodes. A norm without a weight (fold_norm_scales moved it
+    into the next linear) gets ones."""
+    if weight is None:
+        weight = torch.ones(normalized_shape, dtype=x.dtype)
+    return torch.onnx.ops.symbolic(
+        "SimplifiedLayerNormalization",
+        [x, weight],
+        attrs={"axis": -len(normalized_shape),
+               "epsilon": float(eps if eps is not None else torch.finfo(x.dtype).eps)},
+        dtype=x.dtype,
+        shape=x.shape,
+    )
+
+
+def skip_norms(model: object) -> None:
+    """Residual Add + SimplifiedLayerNormalization -> one com.microsoft SkipSimplifiedLayerNormalization (its
+    fourth output is the sum, for the next residual): onnxscript's rewrite rule, on the exported model."""
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    fuse_skip_rms_normalization(model)
 
 
 def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scales: bool = True) -> RuleTable:
@@ -366,4 +421,6 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
              emulate=_linear_emulation(kernel, accuracy_level, fp16_scales), store=_int8_store(kernel)),
         Rule(EMBEDDING, _embedding_rule(), emulate=embedding_emulation),
         Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"),
-    ), prepare=_fp16_scales if fp16_scales else None)
+        Rule(torch.ops.graphpress.cached_attention.default, cached_attention_rule),
+        Rule(torch.ops.aten.rms_norm.default, rms_norm_rule),
+    ), prepare=_fp16_scales if fp16_scales else None, finish=skip_norms)

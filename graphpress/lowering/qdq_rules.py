@@ -16,6 +16,7 @@ quantized models as DequantizeLinear / QuantizeLinear around float ops (OpenVINO
     a head tied to the embedding: MatMul(x, Transpose(DequantizeLinear(W, scale [V], zero [V], axis 0))),
         the same DequantizeLinear of the table's own initializer (stored once; 8-bit tables: 4-bit is refused)
     graphpress::rotary_embedding -> RotaryEmbedding (opset 23)
+    graphpress::cached_attention -> RotaryEmbedding, Concat with the past, Attention (opset 23)
 
 Option ``opset`` (21, 22 or 23, default 23): the file's ONNX opset. Below 23 nothing of opset 23 is written:
 the rotary goes through its decomposition and the exporter writes attention and RMS norm as the older ops.
@@ -32,6 +33,7 @@ import onnx_ir
 import torch
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
+from graphpress.kernels.attention import cached_attention_with
 from graphpress.kernels.quantized import dequantize, unpack_uint8
 from graphpress.lowering.onnxruntime_rules import EMBEDDING, INT8_ACTIVATIONS_DB, LINEAR, rotary_rule
 from graphpress.lowering.rules import Rule, RuleTable, TargetError
@@ -160,6 +162,12 @@ def narrow_initializers(model: onnx_ir.Model) -> None:
 OPSETS = (21, 22, 23)  # blocked DequantizeLinear needs 21
 
 
+def _cached_attention_lower(*args):  # noqa: ANN002, ANN202
+    """graphpress::cached_attention as its reference with the rotary as ONNX RotaryEmbedding: the heads' Reshape
+    and Transpose, the Concat with the past and one Attention (opset 23)."""
+    return cached_attention_with(rotary_rule, *args)
+
+
 def qdq_rules(opset: int = 23) -> RuleTable:
     """The onnx-qdq target's rules (see the module docstring). ``opset``: 23 keeps RMSNormalization, Attention
     and RotaryEmbedding as single ops; 21 or 22 writes them as the older standard ops they decompose into
@@ -176,4 +184,5 @@ def qdq_rules(opset: int = 23) -> RuleTable:
     ]
     if opset >= 23:  # below, the rotary goes through its decomposition (its reference: x cos + rotate(x) sin)
         rules.append(Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"))
+        rules.append(Rule(torch.ops.graphpress.cached_attention.default, _cached_attention_lower, target="onnx"))
     return RuleTable(tuple(rules), finish=narrow_initializers, opset=opset)

@@ -12,6 +12,7 @@ from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
+from graphpress.passes.fuse_attention import FuseAttention
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.linearize import LinearizeMatmuls
 from graphpress.passes.merge_siblings import MergeSiblingLinears
@@ -46,6 +47,7 @@ PASSES: dict[str, type[Pass]] = {
     "freeze_fake_quantize": FreezeFakeQuantize,
     "fuse_rms_norm": FuseRMSNorm,
     "fuse_rotary": FuseRotary,
+    "fuse_attention": FuseAttention,
 }
 
 

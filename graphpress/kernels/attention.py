@@ -1,0 +1,112 @@
+"""``graphpress::cached_attention``: causal attention that appends the new tokens' keys and values to a KV cache.
+
+    q              [B, S, H * D]     queries, tokens first (what the q projection gives)
+    k, v           [B, S, Hkv * D]   the new tokens' keys and values; H a multiple of Hkv (grouped-query)
+    past_k, past_v [B, Hkv, P, D]    the cache before these tokens
+    mask           [B, P + S] int    1 for a token that may be attended to, 0 for padding
+    cos, sin       [B, 1, S, D] or None   rotary embedding of q and k (graphpress::rotary_embedding's tables)
+    heads, kv_heads, scale
+    -> out [B, S, H * D], present_k = cat(past_k, k), present_v = cat(past_v, v)   [B, Hkv, P + S, D]
+
+Query i sits at position P + i and attends to key j when mask[b, j] = 1 and j <= P + i; query head h reads key/value
+head h // (H / Hkv). The reference is what a Hugging Face decoder layer computes between its projections (split the
+heads, rotate q and k, cat with the past, repeat_kv, a boolean mask, scaled_dot_product_attention, merge the heads);
+``fuse_attention`` checks that a model's own mask is this one before it fuses. One op, so that a runtime with a
+fused kernel (onnxruntime's GroupQueryAttention) gets the whole of it: the layout changes, the cache append, the
+mask from lengths and the grouped heads. Its backward recomputes the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from graphpress.kernels.rotary import rotary_embedding_reference
+
+
+def causal_padding_mask(mask: torch.Tensor, queries: int) -> torch.Tensor:
+    """[B, 1, S, P + S] bool: query i (at position P + i) may read key j (``mask`` [B, P + S] of 1/0)."""
+    total = mask.shape[-1]
+    keys = torch.arange(total, device=mask.device)
+    positions = torch.arange(queries, device=mask.device) + (total - queries)
+    return (keys[None, :] <= positions[:, None])[None, None] & mask.bool()[:, None, None, :]
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, Hkv * groups, T, D], each head repeated ``groups`` times in place."""
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, heads * D] -> [B, heads, S, D]."""
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+def cached_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                               past_v: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None,
+                               sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cached_attention_with(rotary_embedding_reference, q, k, v, past_k, past_v, mask, cos, sin, heads,
+                                 kv_heads, scale)
+
+
+def cached_attention_with(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None,
+                          sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference with ``rotate(x [B, H, S, D], cos, sin)`` for the rotary embedding (a lowering passes the
+    one that emits its target's op)."""
+    q, k, v = split_heads(q, heads), split_heads(k, kv_heads), split_heads(v, kv_heads)
+    if cos is not None and sin is not None:
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    present_k = torch.cat([past_k, k], dim=-2)
+    present_v = torch.cat([past_v, v], dim=-2)
+    groups = heads // kv_heads
+    out = F.scaled_dot_product_attention(q, repeat_heads(present_k, groups), repeat_heads(present_v, groups),
+                                         attn_mask=causal_padding_mask(mask, q.shape[-2]), scale=scale)
+    b, _, s, _ = out.shape
+    return out.transpose(1, 2).reshape(b, s, -1), present_k, present_v
+
+
+cached_attention = torch.library.custom_op("graphpress::cached_attention", cached_attention_reference,
+                                           mutates_args=())
+
+
+@cached_attention.register_fake
+def _(q, k, v, past_k, past_v, mask, cos, sin, heads, kv_heads, scale):  # noqa: ANN001, ANN202
+    b, h, p, d = past_k.shape
+    total = p + k.shape[1]
+    return torch.empty_like(q), k.new_empty(b, h, total, d), v.new_empty(b, h, total, v.shape[-1] // kv_heads)
+
+
+TENSORS = 8  # the op's tensor arguments (q, k, v, past_k, past_v, mask, cos, sin), before heads, kv_heads, scale
+LEAVES = (0, 1, 2, 3, 4, 6, 7)  # those a gradient can flow to (not the mask)
+
+
+def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs[:TENSORS]))
+    ctx.given = tuple(t is not None for t in inputs[:TENSORS])
+    ctx.sizes = inputs[TENSORS:]
+
+
+def _backward(ctx, *grads):  # noqa: ANN001, ANN202
+    saved = [t if given else None for t, given in zip(ctx.saved_tensors, ctx.given, strict=True)]
+    needs = [ctx.needs_input_grad[i] and saved[i] is not None for i in range(TENSORS)]
+    with torch.enable_grad():
+        args = [t.detach().requires_grad_(needs[i]) if i in LEAVES and t is not None else t
+                for i, t in enumerate(saved)]
+        outs = cached_attention_reference(*args, *ctx.sizes)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        wanted = [args[i] for i in range(TENSORS) if needs[i]]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if wanted else ())
+    return (*[next(got) if n else None for n in needs], None, None, None)
+
+
+cached_attention.register_autograd(_backward, setup_context=_setup)

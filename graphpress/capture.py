@@ -166,7 +166,9 @@ def _cache_layout(model: nn.Module, ids: torch.Tensor, name: str) -> kv_cache.Ca
         raise CaptureError(f"{name}'s cache layers are not all keys and values of one shape ({sorted(shapes)})")
     (_, heads, _, head_dim), _ = next(iter(shapes))
     dtype = str(layers[0].keys.dtype).removeprefix("torch.")
-    return kv_cache.CacheLayout(len(layers), heads, head_dim, dtype)
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 0
+    return kv_cache.CacheLayout(len(layers), heads, head_dim, dtype, int(positions))
 
 
 def _cache_view(model: nn.Module, names: list[str], layout: kv_cache.CacheLayout) -> nn.Module:

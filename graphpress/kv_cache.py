@@ -44,13 +44,15 @@ class CacheLayout:
     heads: int
     head_dim: int
     dtype: str  # torch dtype name, "float32"
+    positions: int = 0  # the model's positions (its context), 0 when it does not say
 
     def to_json(self) -> dict[str, Any]:
-        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim, "dtype": self.dtype}
+        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim, "dtype": self.dtype,
+                "positions": self.positions}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CacheLayout:
-        return cls(int(d["layers"]), int(d["heads"]), int(d["head_dim"]), str(d["dtype"]))
+        return cls(int(d["layers"]), int(d["heads"]), int(d["head_dim"]), str(d["dtype"]), int(d.get("positions", 0)))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -207,7 +209,7 @@ def attach(gm: fx.GraphModule) -> tuple[fx.GraphModule, CacheLayout]:
                          "layout cannot describe them")
     if shapes:
         (heads, head_dim), = shapes
-        cache = CacheLayout(cache.layers, int(heads), int(head_dim), cache.dtype)
+        cache = CacheLayout(cache.layers, int(heads), int(head_dim), cache.dtype, cache.positions)
         gm.meta[META] = cache.to_json()
     ids = next(iter(graph.find_nodes(op="placeholder")))
     last = ids

@@ -29,7 +29,8 @@ def test_the_export_decodes_as_transformers_does_with_its_cache(arch: str, tmp_p
     program = capture(model, {"input_ids": ids})
     cache = kv_cache.layout(program.gm)
     heads = 2 if arch == "llama" else 4  # the key/value heads: grouped-query attention keeps its smaller cache
-    assert cache == kv_cache.CacheLayout(2, heads, 16, "float32")
+    assert (cache.layers, cache.heads, cache.head_dim, cache.dtype) == (2, heads, 16, "float32")
+    assert cache.positions == (model.config.n_positions if arch == "gpt2" else model.config.max_position_embeddings)
     # detached: the program the passes see computes what the model computes without a cache, bit for bit
     assert program.input_names == ("input_ids",) and program.output_names == ("logits",)
     torch.testing.assert_close(program(ids), model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)

@@ -1,10 +1,13 @@
 """``graphpress::cached_attention``: causal attention that appends the new tokens' keys and values to a KV cache.
 
-    q              [B, S, H * D]     queries, tokens first (what the q projection gives)
+    q              [B, S, H * D]     queries, tokens first (what the q projection gives), or q, k and v packed
+                                     [B, S, (H + 2 Hkv) * D] (one fused projection) with k and v None
     k, v           [B, S, Hkv * D]   the new tokens' keys and values; H a multiple of Hkv (grouped-query)
     past_k, past_v [B, Hkv, P, D]    the cache before these tokens
     mask           [B, P + S] int    1 for a token that may be attended to, 0 for padding
     cos, sin       [B, 1, S, D] or None   rotary embedding of q and k (graphpress::rotary_embedding's tables)
+    cos_table, sin_table [L, D / 2] or None   the same rotation by position (row p: position p), for a runtime
+                                     that rotates inside its kernel; the reference reads cos and sin
     heads, kv_heads, scale
     -> out [B, S, H * D], present_k = cat(past_k, k), present_v = cat(past_v, v)   [B, Hkv, P + S, D]
 
@@ -48,20 +51,32 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, s, heads, -1).transpose(1, 2)
 
 
-def cached_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-                               past_v: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None,
-                               sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float
+def cached_attention_reference(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                               past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
+                               cos: torch.Tensor | None, sin: torch.Tensor | None, cos_table: torch.Tensor | None,
+                               sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cached_attention_with(rotary_embedding_reference, q, k, v, past_k, past_v, mask, cos, sin, heads,
-                                 kv_heads, scale)
+    return cached_attention_with(rotary_embedding_reference, q, k, v, past_k, past_v, mask, cos, sin, cos_table,
+                                 sin_table, heads, kv_heads, scale)
 
 
-def cached_attention_with(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None,
-                          sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float
+def unpack(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, heads: int, kv_heads: int,
+           head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v, split from q when they come packed (k and v None)."""
+    if k is not None and v is not None:
+        return q, k, v
+    q, k, v = q.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q, k, v
+
+
+def cached_attention_with(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor | None,
+                          v: torch.Tensor | None, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
+                          cos: torch.Tensor | None, sin: torch.Tensor | None, cos_table: torch.Tensor | None,
+                          sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference with ``rotate(x [B, H, S, D], cos, sin)`` for the rotary embedding (a lowering passes the
     one that emits its target's op)."""
+    q, k, v = unpack(q, k, v, heads, kv_heads, past_k.shape[-1])
     q, k, v = split_heads(q, heads), split_heads(k, kv_heads), split_heads(v, kv_heads)
     if cos is not None and sin is not None:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -79,14 +94,14 @@ cached_attention = torch.library.custom_op("graphpress::cached_attention", cache
 
 
 @cached_attention.register_fake
-def _(q, k, v, past_k, past_v, mask, cos, sin, heads, kv_heads, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale):  # noqa: ANN001, ANN202
     b, h, p, d = past_k.shape
-    total = p + k.shape[1]
-    return torch.empty_like(q), k.new_empty(b, h, total, d), v.new_empty(b, h, total, v.shape[-1] // kv_heads)
+    total = p + q.shape[1]
+    return q.new_empty(*q.shape[:2], heads * d), past_k.new_empty(b, h, total, d), past_v.new_empty(b, h, total, d)
 
 
-TENSORS = 8  # the op's tensor arguments (q, k, v, past_k, past_v, mask, cos, sin), before heads, kv_heads, scale
-LEAVES = (0, 1, 2, 3, 4, 6, 7)  # those a gradient can flow to (not the mask)
+TENSORS = 10  # the op's tensor arguments (q ... sin_table), before heads, kv_heads and scale
+LEAVES = (0, 1, 2, 3, 4, 6, 7)  # those a gradient can flow to (not the mask, not the lowering's tables)
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -35,6 +35,7 @@ import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.quantized_*)
 import graphpress.kernels.rotary  # noqa: F401  (defines torch.ops.graphpress.rotary_embedding)
 from graphpress.graph import get_tensor, set_tensor
+from graphpress.kernels.attention import unpack
 from graphpress.kernels.quantized import (
     dequantize,
     grouped_codes,
@@ -349,23 +350,30 @@ def rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
     return torch.onnx.ops.rotary_embedding(x, *_rotary_halves(cos, sin, x.shape[0]))
 
 
-def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, heads, kv_heads, scale):  # noqa: ANN001, ANN202
-    """graphpress::cached_attention as one com.microsoft GroupQueryAttention (after one RotaryEmbedding of q and
-    one of k, which read tokens [B, S, H * D] as they are): the causal mask is built inside from each row's length
-    (the attention mask's sum), so the runtime reads padding as trailing (right padding, as onnxruntime-genai
-    feeds it)."""
-    b, s, _ = q.shape
+def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale):  # noqa: ANN001, ANN202, E501
+    """graphpress::cached_attention as one com.microsoft GroupQueryAttention: q, k and v packed as one input when
+    they come from one projection, rotated inside the kernel when the op carries the rotary tables by position
+    (else one RotaryEmbedding of q and one of k first, on tokens [B, S, H * D]). The causal mask is built inside
+    from each row's length (the attention mask's sum) and the rotary positions from the past's length, so the
+    runtime reads padding as trailing (right padding, as onnxruntime-genai feeds it)."""
+    b, s = q.shape[0], q.shape[1]
     d = int(past_k.shape[3])
     total = past_k.shape[2] + s
-    if cos is not None:
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)}
+    rotary: list[torch.Tensor | None] = []
+    if cos_table is not None:
+        attrs["do_rotary"] = 1
+        rotary = [cos_table, sin_table]
+    elif cos is not None:
+        q, k, v = unpack(q, k, v, heads, kv_heads, d)
         halves = _rotary_halves(cos, sin, b)
         q, k = (torch.onnx.ops.rotary_embedding(x, *halves, num_heads=n) for x, n in ((q, heads), (k, kv_heads)))
     lengths = (mask.sum(-1) - 1).to(torch.int32)
     longest = torch.scalar_tensor(mask.shape[-1], dtype=torch.int32)
     out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
         f"{MS}::GroupQueryAttention",
-        [q, k, v, past_k, past_v, lengths, longest],
-        attrs={"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)},
+        [q, k, v, past_k, past_v, lengths, longest, *rotary],
+        attrs=attrs,
         dtypes=[q.dtype, past_k.dtype, past_v.dtype],
         shapes=[[b, s, heads * d], [b, kv_heads, total, d], [b, kv_heads, total, d]],
         version=1,

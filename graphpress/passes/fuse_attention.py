@@ -34,7 +34,7 @@ from torch import fx
 
 import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress.cached_attention)
 from graphpress import kv_cache
-from graphpress.graph import infer_val
+from graphpress.graph import free_target, infer_val, new_get_attr
 from graphpress.kernels.attention import causal_padding_mask
 from graphpress.passes.base import Pass, PassContext, PassResult
 
@@ -71,11 +71,12 @@ class FuseAttention(Pass):
         masks = {m for _, _, _, _, _, m in matches}
         wrong = _mask_differences(gm, masks, marks) if masks else {}
         fused = 0
+        tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None] = {}
         for sdpa, q, (cat_k, k), (cat_v, v), scale, mask in matches:
             if mask in wrong:
                 skipped[sdpa.name] = wrong[mask]
                 continue
-            _fuse(gm, sdpa, q, cat_k, k, cat_v, v, scale, marks["attention_mask"])
+            _fuse(gm, sdpa, q, cat_k, k, cat_v, v, scale, marks, tables)
             fused += 1
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -183,7 +184,8 @@ def _to_tokens(graph: fx.Graph, x4: fx.Node) -> fx.Node:
 
 
 def _fuse(gm: fx.GraphModule, sdpa: fx.Node, q4: fx.Node, cat_k: fx.Node, k4: fx.Node, cat_v: fx.Node,
-          v4: fx.Node, scale: float, mask2d: fx.Node) -> None:
+          v4: fx.Node, scale: float, marks: dict[str, fx.Node],
+          tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None]) -> None:
     graph = gm.graph
     past_k, past_v = cat_k.args[0][0], cat_v.args[0][0]
     heads, kv_heads = int(q4.meta["val"].shape[1]), int(cat_k.meta["val"].shape[1])
@@ -191,9 +193,16 @@ def _fuse(gm: fx.GraphModule, sdpa: fx.Node, q4: fx.Node, cat_k: fx.Node, k4: fx
     cos = sin = None
     if rotated is not None:
         q4, k4, cos, sin = rotated
+        if (cos, sin) not in tables:
+            tables[cos, sin] = _rotary_tables(gm, cos, sin, marks)
+    cos_table, sin_table = tables.get((cos, sin)) or (None, None)
     q, k, v = (_to_tokens(graph, x) for x in (q4, k4, v4))
+    packed = _packed(q, k, v)
+    if packed is not None:
+        q, k, v = packed, None, None
     with graph.inserting_before(sdpa):
-        fused = graph.call_function(FUSED, (q, k, v, past_k, past_v, mask2d, cos, sin, heads, kv_heads, scale))
+        fused = graph.call_function(FUSED, (q, k, v, past_k, past_v, marks["attention_mask"], cos, sin, cos_table,
+                                            sin_table, heads, kv_heads, scale))
         outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
     infer_val(fused)
     for key in ("nn_module_stack", "stack_trace"):
@@ -226,6 +235,56 @@ def _fuse(gm: fx.GraphModule, sdpa: fx.Node, q4: fx.Node, cat_k: fx.Node, k4: fx
             node = up
     for out, old in zip(outs[1:], (cat_k, cat_v), strict=True):
         old.replace_all_uses_with(out)
+
+
+def _packed(q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node | None:
+    """x when q, k and v are the three parts of split(x, [q, k, v], -1) and nothing else reads them (one fused
+    projection: the op then takes x as it is)."""
+    split = q.args[0] if q.target is operator.getitem else None
+    if not (isinstance(split, fx.Node) and split.target is aten.split_with_sizes.default and
+            [n.args for n in (q, k, v)] == [(split, 0), (split, 1), (split, 2)] and len(split.users) == 3):
+        return None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    val = split.args[0].meta.get("val")
+    return split.args[0] if isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1) else None
+
+
+TABLE_POSITIONS = 1 << 17  # the longest rotary tables written (a model with a longer context gets these)
+
+
+def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[str, fx.Node]
+                   ) -> tuple[fx.Node, fx.Node] | None:
+    """The rotary embedding by position, [L, D/2] for cos and for sin (L: the model's positions), as constants
+    for a runtime that rotates inside its attention kernel; None when the model does not say its positions or
+    the rotation of a position depends on more than the position (checked: positions 5..7 after a past of 5
+    must be rows 5..7)."""
+    cache = kv_cache.layout(gm)
+    if cache is None or not cache.positions:
+        return None
+    length = min(cache.positions, TABLE_POSITIONS)
+    try:
+        sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
+        with torch.no_grad():
+            full = sub(*_position_inputs(cache, 0, length))
+            part = sub(*_position_inputs(cache, 5, 3))
+    except Exception:  # noqa: BLE001 - then the rotary stays outside the kernel
+        return None
+    half = cache.head_dim // 2
+    out = []
+    for name, whole, some, node in zip(("cos", "sin"), full, part, (cos, sin), strict=True):
+        if whole.dim() != 4 or whole.shape[-1] != cache.head_dim or \
+                not torch.allclose(some[0, 0], whole[0, 0, 5:8], rtol=0, atol=1e-6):
+            return None
+        table = whole[0, 0, :, :half].contiguous()
+        out.append(new_get_attr(gm, free_target(gm, f"rotary_{name}_table"), table, node, buffer=True))
+    return out[0], out[1]
+
+
+def _position_inputs(cache: kv_cache.CacheLayout, past: int, new: int) -> tuple[torch.Tensor, ...]:
+    zero = torch.zeros((), dtype=cache.torch_dtype)
+    return (torch.zeros(1, new, dtype=torch.long), torch.ones(1, past + new, dtype=torch.long),
+            torch.arange(past, past + new)[None], *[zero.expand(1, cache.heads, past, cache.head_dim)
+                                                    for _ in range(2 * cache.layers)])
 
 
 def _merged_output(sdpa: fx.Node) -> fx.Node | None:

@@ -21,12 +21,15 @@ def _inputs(b: int = 2, s: int = 3, p: int = 4, h: int = 4, hkv: int = 2, d: int
     mask[-1, :2] = 0  # a left-padded row
     angles = torch.arange(p, p + s, dtype=dtype)[:, None] * torch.rand(d // 2, generator=g, dtype=dtype)
     cos, sin = (f(torch.cat([angles, angles], -1))[None, None].expand(b, 1, s, d) for f in (torch.cos, torch.sin))
-    return q, k, v, past_k, past_v, mask, cos, sin, h, hkv, 1 / math.sqrt(d)
+    return q, k, v, past_k, past_v, mask, cos, sin, None, None, h, hkv, 1 / math.sqrt(d)
 
 
 def test_the_reference_is_causal_grouped_attention_over_the_cache() -> None:
-    q, k, v, past_k, past_v, mask, cos, sin, h, hkv, scale = _inputs()
-    out, pk, pv = OP(q, k, v, past_k, past_v, mask, cos, sin, h, hkv, scale)
+    q, k, v, past_k, past_v, mask, cos, sin, _, _, h, hkv, scale = _inputs()
+    out, pk, pv = OP(q, k, v, past_k, past_v, mask, cos, sin, None, None, h, hkv, scale)
+    packed = OP(torch.cat([q, k, v], -1), None, None, past_k, past_v, mask, cos, sin, None, None, h, hkv, scale)
+    for a, b in zip(packed, (out, pk, pv), strict=True):  # q, k and v from one fused projection
+        torch.testing.assert_close(a, b)
     b, s, _ = q.shape
     p, d = past_k.shape[2], past_k.shape[3]
     rq = rotary_embedding_reference(q.view(b, s, h, d).transpose(1, 2), cos, sin)
@@ -43,15 +46,15 @@ def test_the_reference_is_causal_grouped_attention_over_the_cache() -> None:
 
 
 def test_without_rotary_and_its_fake_shapes() -> None:
-    q, k, v, past_k, past_v, mask, _, _, h, hkv, scale = _inputs(p=0, dtype=torch.float32)
+    q, k, v, past_k, past_v, mask, _, _, _, _, h, hkv, scale = _inputs(p=0, dtype=torch.float32)
     mask = mask[:, :3].clone()
-    out, pk, _ = OP(q, k, v, past_k, past_v, mask, None, None, h, hkv, scale)
+    out, pk, _ = OP(q, k, v, past_k, past_v, mask, None, None, None, None, h, hkv, scale)
     assert out.shape == q.shape and pk.shape == (2, hkv, 3, 8)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (q, k, v, past_k, past_v, mask)]
-        shapes = [tuple(t.shape) for t in OP(*fakes, None, None, h, hkv, scale)]
+        shapes = [tuple(t.shape) for t in OP(*fakes, None, None, None, None, h, hkv, scale)]
     assert shapes == [tuple(out.shape), tuple(pk.shape), tuple(pk.shape)]
 
 

@@ -57,8 +57,13 @@ def test_onnxruntime_runs_group_query_attention_and_decodes_as_transformers(tmp_
     model = tiny_model("llama")
     program, _ = _fused(model)
     export_onnx(program, tmp_path / "model.onnx")
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node]
+    nodes = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops and "Transpose" not in ops
+    # q, k and v packed from the fused projection, rotated inside the kernel from the tables by position
+    gqa = next(n for n in nodes if n.op_type == "GroupQueryAttention")
+    assert {a.name: a.i for a in gqa.attribute}["do_rotary"] == 1 and gqa.input[1:3] == ["", ""]
+    assert "RotaryEmbedding" not in ops and ops.count("Split") == 2  # the two MLPs' gate/up
     assert presents_in_place(tmp_path / "model.onnx")  # onnxruntime-genai may share past and present buffers
     prompt = list(range(5, 17))
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

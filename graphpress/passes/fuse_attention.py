@@ -34,7 +34,7 @@ from torch import fx
 
 import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress.cached_attention)
 from graphpress import kv_cache
-from graphpress.graph import free_target, infer_val, new_get_attr
+from graphpress.graph import free_target, get_tensor, infer_val, new_get_attr
 from graphpress.kernels.attention import causal_padding_mask
 from graphpress.passes.base import Pass, PassContext, PassResult
 
@@ -262,6 +262,8 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
     if cache is None or not cache.positions:
         return None
     length = min(cache.positions, TABLE_POSITIONS)
+    known = [n for n in gm.graph.find_nodes(op="get_attr") if n.target.startswith("rotary_")]
+    first = next(iter(gm.graph.nodes))
     try:
         sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
         with torch.no_grad():
@@ -271,12 +273,16 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
         return None
     half = cache.head_dim // 2
     out = []
-    for name, whole, some, node in zip(("cos", "sin"), full, part, (cos, sin), strict=True):
+    for name, whole, some in zip(("cos", "sin"), full, part, strict=True):
         if whole.dim() != 4 or whole.shape[-1] != cache.head_dim or \
                 not torch.allclose(some[0, 0], whole[0, 0, 5:8], rtol=0, atol=1e-6):
             return None
         table = whole[0, 0, :, :half].contiguous()
-        out.append(new_get_attr(gm, free_target(gm, f"rotary_{name}_table"), table, node, buffer=True))
+        same = next((n for n in known if torch.equal(get_tensor(gm, n), table)), None)  # layers share one
+        if same is None:
+            same = new_get_attr(gm, free_target(gm, f"rotary_{name}_table"), table, first, buffer=True)
+            known.append(same)
+        out.append(same)
     return out[0], out[1]
 
 

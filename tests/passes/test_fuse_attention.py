@@ -64,6 +64,8 @@ def test_onnxruntime_runs_group_query_attention_and_decodes_as_transformers(tmp_
     gqa = next(n for n in nodes if n.op_type == "GroupQueryAttention")
     assert {a.name: a.i for a in gqa.attribute}["do_rotary"] == 1 and gqa.input[1:3] == ["", ""]
     assert "RotaryEmbedding" not in ops and ops.count("Split") == 2  # the two MLPs' gate/up
+    tables = {tuple(n.input[7:9]) for n in nodes if n.op_type == "GroupQueryAttention"}
+    assert len(tables) == 1  # the layers share one pair of rotary tables
     assert presents_in_place(tmp_path / "model.onnx")  # onnxruntime-genai may share past and present buffers
     prompt = list(range(5, 17))
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -27,6 +27,15 @@ def _resolve(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(mod, leaf)
 
 
+# buffers under this module hold tables derived from the model for a runtime (rotary angles by position): not the
+# model's weights, so neither its size nor its Hugging Face state counts them
+DERIVED = "derived_tables"
+
+
+def is_derived(name: str) -> bool:
+    return name.startswith(DERIVED + ".")
+
+
 def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor, buffer: bool = False,
                requires_grad: bool | None = None) -> None:
     """Create or replace the parameter (or buffer) at ``target``, creating parent modules as needed.

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from graphpress import provenance
+from graphpress.graph import is_derived
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -84,7 +85,7 @@ def program_state(program: Program) -> dict[str, torch.Tensor]:
         if not tensor.is_floating_point() and (name in recorded or name in params):
             raise ValueError(f"program_state {program.name}: {name} is {tensor.dtype} (quantized); hf/ is "
                              "written for float programs: export it before quantizing")
-    state = {name: t.detach() for name, t in tensors.items() if name not in recorded}
+    state = {name: t.detach() for name, t in tensors.items() if name not in recorded and not is_derived(name)}
     state.update(provenance.unmerge(program))
     return state
 

@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from graphpress import kv_cache, provenance
+from graphpress.graph import is_derived
 
 
 @dataclass
@@ -130,6 +131,8 @@ _FACTS = "graphpress.json"
 
 def _unique_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
-    for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if is_derived(name):
+            continue
         seen.setdefault(t.untyped_storage().data_ptr() if t.numel() else id(t), t)
     return list(seen.values())

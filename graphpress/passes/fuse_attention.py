@@ -34,7 +34,7 @@ from torch import fx
 
 import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress.cached_attention)
 from graphpress import kv_cache
-from graphpress.graph import free_target, get_tensor, infer_val, new_get_attr
+from graphpress.graph import DERIVED, free_target, get_tensor, infer_val, is_derived, new_get_attr
 from graphpress.kernels.attention import causal_padding_mask
 from graphpress.passes.base import Pass, PassContext, PassResult
 
@@ -262,7 +262,7 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
     if cache is None or not cache.positions:
         return None
     length = min(cache.positions, TABLE_POSITIONS)
-    known = [n for n in gm.graph.find_nodes(op="get_attr") if n.target.startswith("rotary_")]
+    known = [n for n in gm.graph.find_nodes(op="get_attr") if is_derived(n.target)]
     first = next(iter(gm.graph.nodes))
     try:
         sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
@@ -280,7 +280,7 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
         table = whole[0, 0, :, :half].contiguous()
         same = next((n for n in known if torch.equal(get_tensor(gm, n), table)), None)  # layers share one
         if same is None:
-            same = new_get_attr(gm, free_target(gm, f"rotary_{name}_table"), table, first, buffer=True)
+            same = new_get_attr(gm, free_target(gm, f"{DERIVED}.rotary_{name}"), table, first, buffer=True)
             known.append(same)
         out.append(same)
     return out[0], out[1]

@@ -267,8 +267,8 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
     try:
         sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
         with torch.no_grad():
-            full = sub(*_position_inputs(cache, 0, length))
-            part = sub(*_position_inputs(cache, 5, 3))
+            full = sub(*_mask_case(cache, 1, 0, length, 0))
+            part = sub(*_mask_case(cache, 1, 5, 3, 0))
     except Exception:  # noqa: BLE001 - then the rotary stays outside the kernel
         return None
     half = cache.head_dim // 2
@@ -284,13 +284,6 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
             known.append(same)
         out.append(same)
     return out[0], out[1]
-
-
-def _position_inputs(cache: kv_cache.CacheLayout, past: int, new: int) -> tuple[torch.Tensor, ...]:
-    zero = torch.zeros((), dtype=cache.torch_dtype)
-    return (torch.zeros(1, new, dtype=torch.long), torch.ones(1, past + new, dtype=torch.long),
-            torch.arange(past, past + new)[None], *[zero.expand(1, cache.heads, past, cache.head_dim)
-                                                    for _ in range(2 * cache.layers)])
 
 
 def _merged_output(sdpa: fx.Node) -> fx.Node | None:

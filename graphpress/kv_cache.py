@@ -319,6 +319,6 @@ def complete_feed(feed: dict[str, Any], inputs: Sequence[Any]) -> dict[str, Any]
         elif i.name == "position_ids":
             out[i.name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
         elif i.name.startswith("past_key_values."):
-            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+            dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(i.type, np.float32)
             out[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), dtype)
     return out

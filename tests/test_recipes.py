@@ -49,12 +49,23 @@ def test_bad_recipes_are_refused(data: object, match: str) -> None:
         ({"passes": [{"pass": "rtn", "kernel": "int8"}]}, "pass rtn has no option 'kernel'"),
         ({"passes": [], "name": ["x"]}, "'name' must be a string"),
         ({"passes": [{"pass": 7}]}, "unknown pass 7"),
+        ({"passes": [], "extends": "w4-fast"}, "'extends' names 'w4-fast', which is not one of the named recipes"),
     ],
 )
 def test_recipe_types_are_validated_before_any_work(data: object, match: str) -> None:
     with pytest.raises(RecipeError, match=re.escape(match)) as info:
         recipe_from_dict(data, source="mine.yaml")
     assert "mine.yaml" in str(info.value)
+
+
+def test_a_recipe_extends_a_named_one() -> None:
+    base = load_recipe("w4-decode")
+    recipe = recipe_from_dict({"extends": "w4-decode", "passes": [{"pass": "quantize_kv_cache"}],
+                               "calibration": {"windows": 8}, "target": {"onnxruntime": {"accuracy_level": 0}}})
+    assert [p.name for p in recipe.passes] == [*(p.name for p in base.passes), "quantize_kv_cache"]
+    assert recipe.calibration == {**base.calibration, "windows": 8}
+    assert recipe.target == {"onnxruntime": {"kernel": "nbits", "accuracy_level": 0}}
+    assert load_recipe("w4-decode-kv8").passes[:-1] == base.passes  # the named one is written so
 
 
 def test_a_single_regex_string_is_one_pattern() -> None:

@@ -9,6 +9,9 @@
     cos_table, sin_table [L, D / 2] or None   the same rotation by position (row p: position p), for a runtime
                                      that rotates inside its kernel; the reference reads cos and sin
     heads, kv_heads, scale
+    k_scale, v_scale [Hkv * D] or None   an int8 cache: one static scale per channel (head and dimension);
+                                     past_k, past_v and the presents then hold int8 codes, the new tokens' keys
+                                     (rotated) and values are rounded to codes before attention reads them
     -> out [B, S, H * D], present_k = cat(past_k, k), present_v = cat(past_v, v)   [B, Hkv, P + S, D]
 
 Query i sits at position P + i and attends to key j when mask[b, j] = 1 and j <= P + i; query head h reads key/value
@@ -54,10 +57,23 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def cached_attention_reference(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                                past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
                                cos: torch.Tensor | None, sin: torch.Tensor | None, cos_table: torch.Tensor | None,
-                               sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float
+                               sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
+                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return cached_attention_with(rotary_embedding_reference, q, k, v, past_k, past_v, mask, cos, sin, cos_table,
-                                 sin_table, heads, kv_heads, scale)
+                                 sin_table, heads, kv_heads, scale, k_scale, v_scale)
+
+
+def cache_codes(x: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S, D] float -> int8 codes, one scale per channel (``channel_scale`` [Hkv * D]), rounded half to
+    even and saturated to [-128, 127] (onnxruntime's int8 cache does the same)."""
+    s = channel_scale.view(1, x.shape[1], 1, x.shape[3])
+    return torch.clamp(torch.round(x / s), -128, 127).to(torch.int8)
+
+
+def cache_values(codes: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [B, Hkv, T, D] -> float (codes times their channel's scale)."""
+    return codes.to(channel_scale.dtype) * channel_scale.view(1, codes.shape[1], 1, codes.shape[3])
 
 
 def unpack(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, heads: int, kv_heads: int,
@@ -69,21 +85,36 @@ def unpack(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, head
     return q, k, v
 
 
-def cached_attention_with(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor | None,
-                          v: torch.Tensor | None, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
-                          cos: torch.Tensor | None, sin: torch.Tensor | None, cos_table: torch.Tensor | None,
-                          sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference with ``rotate(x [B, H, S, D], cos, sin)`` for the rotary embedding (a lowering passes the
-    one that emits its target's op)."""
-    q, k, v = unpack(q, k, v, heads, kv_heads, past_k.shape[-1])
+def heads_rotated(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor | None,
+                  v: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int,
+                  kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, H, S, D], and k, v [B, Hkv, S, D] as the cache stores them: unpacked, split into heads, q and k
+    rotated."""
+    q, k, v = unpack(q, k, v, heads, kv_heads, head_dim)
     q, k, v = split_heads(q, heads), split_heads(k, kv_heads), split_heads(v, kv_heads)
     if cos is not None and sin is not None:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    present_k = torch.cat([past_k, k], dim=-2)
-    present_v = torch.cat([past_v, v], dim=-2)
+    return q, k, v
+
+
+def cached_attention_with(rotate: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor | None,
+                          v: torch.Tensor | None, past_k: torch.Tensor, past_v: torch.Tensor, mask: torch.Tensor,
+                          cos: torch.Tensor | None, sin: torch.Tensor | None, cos_table: torch.Tensor | None,
+                          sin_table: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference with ``rotate(x [B, H, S, D], cos, sin)`` for the rotary embedding (a lowering passes the
+    one that emits its target's op)."""
+    q, k, v = heads_rotated(rotate, q, k, v, cos, sin, heads, kv_heads, past_k.shape[-1])
+    if k_scale is not None and v_scale is not None:
+        present_k = torch.cat([past_k, cache_codes(k, k_scale)], dim=-2)
+        present_v = torch.cat([past_v, cache_codes(v, v_scale)], dim=-2)
+        keys, values = cache_values(present_k, k_scale), cache_values(present_v, v_scale)
+    else:
+        present_k = keys = torch.cat([past_k, k], dim=-2)
+        present_v = values = torch.cat([past_v, v], dim=-2)
     groups = heads // kv_heads
-    out = F.scaled_dot_product_attention(q, repeat_heads(present_k, groups), repeat_heads(present_v, groups),
+    out = F.scaled_dot_product_attention(q, repeat_heads(keys, groups), repeat_heads(values, groups),
                                          attn_mask=causal_padding_mask(mask, q.shape[-2]), scale=scale)
     b, _, s, _ = out.shape
     return out.transpose(1, 2).reshape(b, s, -1), present_k, present_v
@@ -94,20 +125,22 @@ cached_attention = torch.library.custom_op("graphpress::cached_attention", cache
 
 
 @cached_attention.register_fake
-def _(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale, k_scale=None,  # noqa: ANN001, ANN202
+      v_scale=None):  # noqa: ANN001
     b, h, p, d = past_k.shape
     total = p + q.shape[1]
     return q.new_empty(*q.shape[:2], heads * d), past_k.new_empty(b, h, total, d), past_v.new_empty(b, h, total, d)
 
 
 TENSORS = 10  # the op's tensor arguments (q ... sin_table), before heads, kv_heads and scale
+SIZES = 3  # heads, kv_heads, scale; then the int8 cache's k_scale and v_scale
 LEAVES = (0, 1, 2, 3, 4, 6, 7)  # those a gradient can flow to (not the mask, not the lowering's tables)
 
 
 def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs[:TENSORS]))
     ctx.given = tuple(t is not None for t in inputs[:TENSORS])
-    ctx.sizes = inputs[TENSORS:]
+    ctx.sizes = inputs[TENSORS:]  # with the int8 cache's scales: constants, no gradient (codes are rounded)
 
 
 def _backward(ctx, *grads):  # noqa: ANN001, ANN202
@@ -121,7 +154,7 @@ def _backward(ctx, *grads):  # noqa: ANN001, ANN202
         wanted = [args[i] for i in range(TENSORS) if needs[i]]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                    if wanted else ())
-    return (*[next(got) if n else None for n in needs], None, None, None)
+    return (*[next(got) if n else None for n in needs], *[None] * len(ctx.sizes))
 
 
 cached_attention.register_autograd(_backward, setup_context=_setup)

@@ -2,7 +2,7 @@
 
 Custom ops reach ONNX through the rule table (``graphpress.lowering.rules``); the exported file keeps batch and
 sequence dynamic, records where the model came from in its metadata (so ``graphpress eval`` finds the
-reference and tokenizer), and stores weights as external data only when the protobuf limit demands it.
+reference and tokenizer), and stores the weights of a model over 32 MB beside it (``model.onnx.data``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from graphpress.program import Program
 
 log = logging.getLogger(__name__)
 
-# protobuf refuses messages over 2 GiB; keep a margin for the graph itself
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# weights over this many bytes go to PATH.data beside the graph (onnx external data): onnxruntime then reads
+# them straight into its tensors instead of out of a parsed copy of the whole protobuf; a session on the 90 MB
+# W4 SmolLM2 peaked 52 MB lower (BENCHMARKS.md, issue 14). Protobuf refuses a file over 2 GiB in any case.
+EXTERNAL_DATA_THRESHOLD = 32_000_000
 META_PREFIX = "graphpress."
 # ONNX opset of every export: 23 has RMSNormalization, Attention and RotaryEmbedding as single ops
 OPSET = 23
@@ -143,8 +145,12 @@ def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, s
         entry.key, entry.value = META_PREFIX + key, str(value)
     path.parent.mkdir(parents=True, exist_ok=True)
     large = program.num_bytes() > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, path, save_as_external_data=large, location=path.name + ".data" if large else None)
-    size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if large else 0)
+    data = path.with_name(path.name + ".data")
+    if large:
+        data.unlink(missing_ok=True)  # the weights of the file being replaced: onnx would append to them
+    # tensors under 1 KB (shapes, axes) stay in the graph, where onnxruntime's shape inference reads them
+    onnx.save_model(model, path, save_as_external_data=large, location=data.name if large else None)
+    size = path.stat().st_size + (data.stat().st_size if large else 0)
     return size, lowered, floor, cache
 
 
@@ -211,15 +217,21 @@ def fold_and_clean(model: onnx_ir.Model, iterations: int = 2) -> None:
 
 
 _PACKED = (onnx_ir.DataType.UINT8, onnx_ir.DataType.INT8)
+_VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
 def _keep_packed(node: onnx_ir.Node) -> bool | None:
     """Constant folding must not unpack packed integers (uint8 / int8 codes, zero points) into a larger
-    initializer: a node reading a constant 8-bit integer tensor is left for the runtime."""
-    for value in node.inputs:
-        if value is not None and value.const_value is not None and value.dtype in _PACKED:
-            return False
-    return None
+    initializer: a node reading a constant 8-bit integer tensor is left for the runtime. A view of codes that
+    nothing else reads is folded, whatever its size: the file then holds the codes in the layout their kernel
+    reads, and onnxruntime does not hold both layouts at session start. A view of shared codes (the tied
+    embedding's table, gathered as it is and multiplied as blocks) stays, so the codes are stored once."""
+    packed = [v for v in node.inputs if v is not None and v.const_value is not None and v.dtype in _PACKED]
+    if not packed:
+        return None
+    if node.domain == "" and node.op_type in _VIEWS and all(len(v.uses()) == 1 for v in packed):
+        return True
+    return False
 
 
 def name_dynamic_dims(model: onnx.ModelProto, dynamic_dims: Sequence[dict[int, str]]) -> None:

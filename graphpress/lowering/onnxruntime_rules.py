@@ -350,12 +350,14 @@ def rotary_rule(x, cos, sin):  # noqa: ANN001, ANN202
     return torch.onnx.ops.rotary_embedding(x, *_rotary_halves(cos, sin, x.shape[0]))
 
 
-def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale):  # noqa: ANN001, ANN202, E501
+def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, cos_table, sin_table, heads, kv_heads, scale,  # noqa: ANN001, ANN202, E501
+                          k_scale=None, v_scale=None):  # noqa: ANN001
     """graphpress::cached_attention as one com.microsoft GroupQueryAttention: q, k and v packed as one input when
     they come from one projection, rotated inside the kernel when the op carries the rotary tables by position
     (else one RotaryEmbedding of q and one of k first, on tokens [B, S, H * D]). The causal mask is built inside
     from each row's length (the attention mask's sum) and the rotary positions from the past's length, so the
-    runtime reads padding as trailing (right padding, as onnxruntime-genai feeds it)."""
+    runtime reads padding as trailing (right padding, as onnxruntime-genai feeds it). An int8 cache (the op's
+    k_scale and v_scale) is the kernel's own: codes in the past and present, one static scale per channel."""
     b, s = q.shape[0], q.shape[1]
     d = int(past_k.shape[3])
     total = past_k.shape[2] + s
@@ -370,9 +372,15 @@ def cached_attention_rule(q, k, v, past_k, past_v, mask, cos, sin, cos_table, si
         q, k = (torch.onnx.ops.rotary_embedding(x, *halves, num_heads=n) for x, n in ((q, heads), (k, kv_heads)))
     lengths = (mask.sum(-1) - 1).to(torch.int32)
     longest = torch.scalar_tensor(mask.shape[-1], dtype=torch.int32)
+    quantized: list[torch.Tensor | None] = []
+    if k_scale is not None and v_scale is not None:
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        # inputs 7..11 (cos and sin caches, position ids, attention bias, head sink) before the scales
+        quantized = [*(rotary or [None, None]), None, None, None, k_scale, v_scale]
+        rotary = []
     out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
         f"{MS}::GroupQueryAttention",
-        [q, k, v, past_k, past_v, lengths, longest, *rotary],
+        [q, k, v, past_k, past_v, lengths, longest, *rotary, *quantized],
         attrs=attrs,
         dtypes=[q.dtype, past_k.dtype, past_v.dtype],
         shapes=[[b, s, heads * d], [b, kv_heads, total, d], [b, kv_heads, total, d]],

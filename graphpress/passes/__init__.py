@@ -19,6 +19,7 @@ from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.prune import PruneHeads, PruneHidden, PruneMLP
 from graphpress.passes.prune_layers import PruneLayers
 from graphpress.passes.quantize_embedding import QuantizeEmbedding
+from graphpress.passes.quantize_kv_cache import QuantizeKVCache
 from graphpress.passes.remove_noops import RemoveNoops
 from graphpress.passes.smooth import AWQ, SmoothQuant
 from graphpress.passes.sparsify import Sparsify
@@ -48,6 +49,7 @@ PASSES: dict[str, type[Pass]] = {
     "fuse_rms_norm": FuseRMSNorm,
     "fuse_rotary": FuseRotary,
     "fuse_attention": FuseAttention,
+    "quantize_kv_cache": QuantizeKVCache,
 }
 
 

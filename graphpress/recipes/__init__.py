@@ -12,6 +12,9 @@
     calibration: {windows: 64, length: 512, batch: 8, generated: 32}   # optional; for passes that run the model
     target: {onnxruntime: {kernel: int8}}     # optional; options per lowering target (graphpress.lowering.targets)
 
+A recipe may extend a named one (``extends: w4-decode``): its passes run after that recipe's, and its
+calibration and target options update that recipe's.
+
 Named recipes are the YAML files beside this module; ``load_recipe`` also takes a path to a YAML file.
 """
 
@@ -90,8 +93,8 @@ def load_recipe(name_or_path: str | None) -> Recipe:
     return recipe_from_dict(data, source=str(path))
 
 
-TOP_LEVEL = {"name": str, "description": str, "plugins": list, "passes": list, "calibration": dict,
-             "target": dict}
+TOP_LEVEL = {"name": str, "description": str, "extends": str, "plugins": list, "passes": list,
+             "calibration": dict, "target": dict}
 # calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward, how
 # many of the built-in windows the model samples itself (graphpress.calibration_text; default half)
 DEFAULT_WINDOWS = 64
@@ -113,8 +116,9 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
             load_plugin(plugin, Path(source).parent)
         except PluginError as e:
             raise RecipeError(f"recipe {source}: {e}") from e
-    passes = [_build_pass(entry, i, source) for i, entry in enumerate(data["passes"])]
-    calibration = dict(data.get("calibration") or {})
+    base = _base(data.get("extends"), source)
+    passes = [*base.passes, *(_build_pass(entry, i, source) for i, entry in enumerate(data["passes"]))]
+    calibration = {**base.calibration, **(data.get("calibration") or {})}
     for key, value in calibration.items():
         if key not in CALIBRATION:
             raise RecipeError(f"recipe {source}: unknown key {key!r} under 'calibration' "
@@ -126,7 +130,9 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     if calibration.get("generated", 0) > calibration.get("windows", DEFAULT_WINDOWS):
         raise RecipeError(f"recipe {source}: calibration 'generated' ({calibration['generated']}) cannot exceed "
                           f"'windows' ({calibration.get('windows', 64)})")
-    target = dict(data.get("target") or {})
+    target = {**base.target}
+    for name, options in (data.get("target") or {}).items():
+        target[name] = {**target.get(name, {}), **options} if isinstance(options, dict) else options
     _check_target(target, source)
     return Recipe(
         name=str(data.get("name", Path(source).stem)),
@@ -138,6 +144,16 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
 
 
 _KIND_NAMES = {str: "string", list: "list", dict: "mapping"}
+
+
+def _base(name: str | None, source: str) -> Recipe:
+    """The named recipe that ``extends`` names (an empty one without it)."""
+    if name is None:
+        return Recipe(name="", passes=[])
+    if name not in named_recipes():
+        raise RecipeError(f"recipe {source}: 'extends' names {name!r}, which is not one of the named recipes "
+                          f"({', '.join(named_recipes())})")
+    return load_recipe(name)
 
 
 class PluginError(ValueError):

@@ -46,3 +46,23 @@ def test_compact_halves_fp16_exact_initializers_without_changing_outputs(tmp_pat
     assert not any(n.metadata_props for n in small.graph.node)
     after = ort.InferenceSession(small.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(before, after)
+
+
+def test_weights_over_the_threshold_go_beside_the_graph_in_their_kernels_layout(tmp_path, monkeypatch) -> None:
+    import graphpress.lowering.onnx as lowering
+    from graphpress.passes import PASSES
+    from graphpress.runner import run_pipeline
+
+    program, _ = run_pipeline(capture_tiny("llama"), [PASSES["rtn"](bits=4, group_size=32)])
+    monkeypatch.setattr(lowering, "EXTERNAL_DATA_THRESHOLD", 0)
+    path = tmp_path / "m.onnx"
+    first = export_onnx(program, path)  # checked in onnxruntime, which reads the weights from m.onnx.data
+    data = tmp_path / "m.onnx.data"
+    assert first.bytes == path.stat().st_size + data.stat().st_size and data.stat().st_size > path.stat().st_size
+    again = export_onnx(program, path, check=False)  # the data file is rewritten, not appended to
+    assert again.bytes == first.bytes and data.stat().st_size + path.stat().st_size == first.bytes
+    model = onnx.load(str(path), load_external_data=False)
+    codes = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    readers = [n for n in model.graph.node if set(n.input) & codes]
+    # each linear's codes are stored as MatMulNBits reads them: no Reshape left for the session to fold
+    assert readers and {n.op_type for n in readers} == {"MatMulNBits"}

@@ -113,12 +113,13 @@ def build_anchors(builder: bool, llama: bool, workdir: Path) -> tuple[list[tuple
     return folders, binary, str(smollm2_gguf())
 
 
-def prompt_text() -> str:
-    """The protocol's text (graphpress.evaluation): a long stretch of it, cut to the prompt length by tokens."""
+def prompt_text(tokens: int) -> str:
+    """The protocol's text (graphpress.evaluation): a stretch of twice ~4 characters a token, cut to
+    the prompt length by tokens."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from graphpress.evaluation import corpus_text
 
-    return corpus_text()[:4000]
+    return corpus_text()[: max(4000, 8 * tokens)]
 
 
 def main() -> int:
@@ -153,7 +154,7 @@ def main() -> int:
         labels.append("llama.cpp")
         args.folders.append(gguf)
     prompt = Path(args.json.with_suffix(".prompt.txt") if args.json else "/tmp/graphpress-decode-prompt.txt")
-    prompt.write_text(prompt_text())
+    prompt.write_text(prompt_text(args.prompt_tokens))
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     for r in range(args.rounds):
         for k in range(len(args.folders)):

@@ -150,6 +150,8 @@ def _write(program: Program, path: Path, rules: RuleTable, metadata: dict[str, s
         data.unlink(missing_ok=True)  # the weights of the file being replaced: onnx would append to them
     # tensors under 1 KB (shapes, axes) stay in the graph, where onnxruntime's shape inference reads them
     onnx.save_model(model, path, save_as_external_data=large, location=data.name if large else None)
+    if large:  # onnx creates the data file readable by its owner only: as readable as the graph beside it
+        data.chmod(path.stat().st_mode & 0o777)
     size = path.stat().st_size + (data.stat().st_size if large else 0)
     return size, lowered, floor, cache
 

@@ -59,6 +59,7 @@ def test_weights_over_the_threshold_go_beside_the_graph_in_their_kernels_layout(
     first = export_onnx(program, path)  # checked in onnxruntime, which reads the weights from m.onnx.data
     data = tmp_path / "m.onnx.data"
     assert first.bytes == path.stat().st_size + data.stat().st_size and data.stat().st_size > path.stat().st_size
+    assert data.stat().st_mode & 0o777 == path.stat().st_mode & 0o777  # as readable as the graph
     again = export_onnx(program, path, check=False)  # the data file is rewritten, not appended to
     assert again.bytes == first.bytes and data.stat().st_size + path.stat().st_size == first.bytes
     model = onnx.load(str(path), load_external_data=False)

@@ -1,6 +1,9 @@
-"""`graphpress compress DIR --out OUT` (exact recipe) on tiny random Hugging Face models of ten architectures,
-saved as ``save_pretrained`` leaves them: without a tokenizer (no evaluation, a note says why), and with a
-tokenizer and only 256 positions (evaluation windows shortened to fit, and reported)."""
+"""`graphpress compress DIR --out OUT` (exact recipe) on tiny random Hugging Face models, saved as
+``save_pretrained`` leaves them: with a tokenizer and only 256 positions (evaluation windows shortened to fit,
+and reported), on the architectures whose positions or embeddings differ (rotary with grouped-query heads,
+Gemma's scaled embedding, GPT-2's and OPT's learned positions, OPT's offset of 2, BERT, RoBERTa's positions
+after the padding index); without a tokenizer (no evaluation, a note says why) on a decoder and an encoder.
+Every architecture's capture, passes and export: tests/test_recipes_architectures.py."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from graphpress.compress import compress
-from tests.hf_tiny import ARCHITECTURES, CAUSAL, save_tiny
+from tests.hf_tiny import CAUSAL, save_tiny
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_exact_recipe_without_tokenizer(arch: str, tmp_path: Path) -> None:
     model_dir = save_tiny(arch, tmp_path / arch)
     report = compress(str(model_dir), tmp_path / "out", progress=False)
@@ -25,7 +28,7 @@ def test_exact_recipe_without_tokenizer(arch: str, tmp_path: Path) -> None:
         assert record["modified"] or record["nodes_before"] == record["nodes_after"], record["name"]
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2", "opt", "bert", "roberta"])
 def test_exact_recipe_with_tokenizer_and_256_positions(arch: str, tmp_path: Path) -> None:
     model_dir = save_tiny(arch, tmp_path / arch, tokenizer=True, positions=256)
     out = tmp_path / "out"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from graphpress.kernels import cuda as _cuda  # noqa: F401  (registers the CUDA implementations)
 from graphpress.kernels.attention import cached_attention_reference
 from graphpress.kernels.quantized import (
     fake_quantize_reference,

@@ -26,9 +26,75 @@ import triton.language as tl
 
 
 @triton.jit
+def _nibbles(packed, HIGH: tl.constexpr, BF16: tl.constexpr):
+    """uint8 [...] -> each byte's low (or high) nibble n plus a bias, as bf16 (128 + n) or fp16 (1024 + n): the
+    nibble is written into the bias's mantissa (prmt spreads four bytes over two 32-bit registers, one and one
+    or make two values each) instead of an integer-to-float conversion per value."""
+    if BF16:
+        if HIGH:
+            out = tl.inline_asm_elementwise(
+                "{ "
+                ".reg .b32 t0, t1, zero; "
+                "mov.b32 zero, 0; "
+                "prmt.b32 t0, $2, zero, 0x4140; "
+                "prmt.b32 t1, $2, zero, 0x4342; "
+                "shr.b32 t0, t0, 4; "
+                "shr.b32 t1, t1, 4; "
+                "and.b32 t0, t0, 0x000F000F; "
+                "and.b32 t1, t1, 0x000F000F; "
+                "or.b32 $0, t0, 0x43004300; "
+                "or.b32 $1, t1, 0x43004300; "
+                "}",
+                "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(
+                "{ "
+                ".reg .b32 t0, t1, zero; "
+                "mov.b32 zero, 0; "
+                "prmt.b32 t0, $2, zero, 0x4140; "
+                "prmt.b32 t1, $2, zero, 0x4342; "
+                "and.b32 t0, t0, 0x000F000F; "
+                "and.b32 t1, t1, 0x000F000F; "
+                "or.b32 $0, t0, 0x43004300; "
+                "or.b32 $1, t1, 0x43004300; "
+                "}",
+                "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        if HIGH:
+            out = tl.inline_asm_elementwise(
+                "{ "
+                ".reg .b32 t0, t1, zero; "
+                "mov.b32 zero, 0; "
+                "prmt.b32 t0, $2, zero, 0x4140; "
+                "prmt.b32 t1, $2, zero, 0x4342; "
+                "shr.b32 t0, t0, 4; "
+                "shr.b32 t1, t1, 4; "
+                "and.b32 t0, t0, 0x000F000F; "
+                "and.b32 t1, t1, 0x000F000F; "
+                "or.b32 $0, t0, 0x64006400; "
+                "or.b32 $1, t1, 0x64006400; "
+                "}",
+                "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(
+                "{ "
+                ".reg .b32 t0, t1, zero; "
+                "mov.b32 zero, 0; "
+                "prmt.b32 t0, $2, zero, 0x4140; "
+                "prmt.b32 t1, $2, zero, 0x4342; "
+                "and.b32 t0, t0, 0x000F000F; "
+                "and.b32 t1, t1, 0x000F000F; "
+                "or.b32 $0, t0, 0x64006400; "
+                "or.b32 $1, t1, 0x64006400; "
+                "}",
+                "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
+    return out
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
                   stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys,
-                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -56,12 +122,16 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
         g = k0 // GROUP
         if HAS_ZEROS:
             zb = tl.load(z_ptr + offs_n * stride_zn + g // 2, mask=n_mask, other=0)
-            z = ((zb >> ((g % 2) * 4)) & 15).to(x.dtype)
+            z = ((zb >> ((g % 2) * 4)) & 15).to(tl.float32)
         else:
-            z = tl.full((BLOCK_N,), 8.0, x.dtype)
+            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+        if BF16:  # the nibbles' bias and the zero point, subtracted exactly
+            bias_z = (z + 128.0).to(x.dtype)[:, None]
+        else:
+            bias_z = (z + 1024.0).to(x.dtype)[:, None]
         # code - zero lies in -15..15, exact in bf16/fp16: the scale is applied to the tile's sums, in fp32
-        part = tl.dot((packed & 15).to(x.dtype) - z[:, None], tl.trans(x_even))
-        part = tl.dot((packed >> 4).to(x.dtype) - z[:, None], tl.trans(x_odd), part)
+        part = tl.dot(_nibbles(packed, False, BF16) - bias_z, tl.trans(x_even))
+        part = tl.dot(_nibbles(packed, True, BF16) - bias_z, tl.trans(x_odd), part)
         s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         acc += s[:, None] * part
     if HAS_BIAS:  # added once: by the first slice
@@ -100,7 +170,7 @@ def _launch(config: tuple[int, ...], x: torch.Tensor, qweight: torch.Tensor, sca
         x, qweight, scales, zeros if zeros is not None else qweight, bias if bias is not None else scales, y,
         m, n, in_features, kp, x.stride(0), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, n, stride_ys,
-        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages,
     )
     return y if sk == 1 else y.sum(0).to(x.dtype)  # partial sums added in fp32

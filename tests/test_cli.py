@@ -79,8 +79,9 @@ def test_compress_plain_module_from_file(tmp_path: Path, capsys: pytest.CaptureF
 def test_compress_and_eval_tiny_llama(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # the summary fits 80 columns when piped, without cutting a pass name or a number
-    proc = subprocess.run([sys.executable, "-m", "graphpress.cli", "compress", "tiny-llama", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "80"})
+    proc = subprocess.run([sys.executable, "-m", "graphpress.cli", "compress", "tiny-llama", "--out", str(out),
+                           "--eval-torch"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and max(len(line) for line in proc.stdout.splitlines()) <= 80, proc.stdout
     assert "…" not in proc.stdout and "merge_sibling_linears" in proc.stdout
@@ -91,6 +92,7 @@ def test_compress_and_eval_tiny_llama(tmp_path: Path) -> None:
         assert key in report
     ev = report["evaluation"]
     assert ev["after_onnx"]["value"] == pytest.approx(ev["before"]["value"], rel=1e-4)
+    assert ev["after_torch"]["value"] == pytest.approx(ev["before"]["value"], rel=1e-4)  # --eval-torch
     for record in report["passes"]:
         assert {"seconds", "nodes_before", "nodes_after", "bytes_before", "bytes_after", "error"} <= set(record)
     # eval of the ONNX file runs in onnxruntime, through the console script, and writes JSON

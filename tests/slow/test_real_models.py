@@ -57,12 +57,11 @@ def test_all_exact_passes_together_fire_on_smollm2() -> None:
     assert max_rel_error(program(*batch), out(*batch)) <= 1e-4
 
 
-def test_default_compress_onnx_matches_torch_perplexity(tmp_path: Path) -> None:
+def test_default_compress_keeps_the_fp32_perplexity_in_onnxruntime(tmp_path: Path) -> None:
     out = tmp_path / "default"
-    assert main(["compress", "--out", str(out), "--eval-torch"]) == 0
+    assert main(["compress", "--out", str(out)]) == 0  # --eval-torch: tests/test_cli.py, on a tiny model
     report = json.loads((out / "report.json").read_text())
     evals = report["evaluation"]
     assert report["model"]["name"] == "smollm2-135m"
     assert evals["before"]["value"] == pytest.approx(14.94, abs=0.05)  # the protocol's fp32 perplexity
     assert evals["after_onnx"]["value"] == pytest.approx(evals["before"]["value"], rel=0.005)
-    assert evals["after_torch"]["value"] == pytest.approx(evals["before"]["value"], rel=1e-4)

@@ -25,76 +25,24 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _nibbles(packed, HIGH: tl.constexpr, BF16: tl.constexpr):
-    """uint8 [...] -> each byte's low (or high) nibble n plus a bias, as bf16 (128 + n) or fp16 (1024 + n): the
-    nibble is written into the bias's mantissa (prmt spreads four bytes over two 32-bit registers, one and one
-    or make two values each) instead of an integer-to-float conversion per value."""
-    if BF16:
-        if HIGH:
-            out = tl.inline_asm_elementwise(
-                "{ "
-                ".reg .b32 t0, t1, zero; "
-                "mov.b32 zero, 0; "
-                "prmt.b32 t0, $2, zero, 0x4140; "
-                "prmt.b32 t1, $2, zero, 0x4342; "
-                "shr.b32 t0, t0, 4; "
-                "shr.b32 t1, t1, 4; "
-                "and.b32 t0, t0, 0x000F000F; "
-                "and.b32 t1, t1, 0x000F000F; "
-                "or.b32 $0, t0, 0x43004300; "
-                "or.b32 $1, t1, 0x43004300; "
-                "}",
-                "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-        else:
-            out = tl.inline_asm_elementwise(
-                "{ "
-                ".reg .b32 t0, t1, zero; "
-                "mov.b32 zero, 0; "
-                "prmt.b32 t0, $2, zero, 0x4140; "
-                "prmt.b32 t1, $2, zero, 0x4342; "
-                "and.b32 t0, t0, 0x000F000F; "
-                "and.b32 t1, t1, 0x000F000F; "
-                "or.b32 $0, t0, 0x43004300; "
-                "or.b32 $1, t1, 0x43004300; "
-                "}",
-                "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-    else:
-        if HIGH:
-            out = tl.inline_asm_elementwise(
-                "{ "
-                ".reg .b32 t0, t1, zero; "
-                "mov.b32 zero, 0; "
-                "prmt.b32 t0, $2, zero, 0x4140; "
-                "prmt.b32 t1, $2, zero, 0x4342; "
-                "shr.b32 t0, t0, 4; "
-                "shr.b32 t1, t1, 4; "
-                "and.b32 t0, t0, 0x000F000F; "
-                "and.b32 t1, t1, 0x000F000F; "
-                "or.b32 $0, t0, 0x64006400; "
-                "or.b32 $1, t1, 0x64006400; "
-                "}",
-                "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
-        else:
-            out = tl.inline_asm_elementwise(
-                "{ "
-                ".reg .b32 t0, t1, zero; "
-                "mov.b32 zero, 0; "
-                "prmt.b32 t0, $2, zero, 0x4140; "
-                "prmt.b32 t1, $2, zero, 0x4342; "
-                "and.b32 t0, t0, 0x000F000F; "
-                "and.b32 t1, t1, 0x000F000F; "
-                "or.b32 $0, t0, 0x64006400; "
-                "or.b32 $1, t1, 0x64006400; "
-                "}",
-                "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
-    return out
+def nibble_asm(high: bool, bf16: bool) -> str:
+    """PTX for four bytes (one 32-bit register) -> their low (or high) nibbles n plus a bias, as four bf16
+    (128 + n) or fp16 (1024 + n) in two registers: ``prmt`` spreads the bytes over 16-bit halves, ``and`` keeps
+    the nibble and ``or`` writes it into the bias's mantissa, instead of an integer-to-float conversion per
+    value. For ``tl.inline_asm_elementwise(..., pack=4)`` on uint8."""
+    magic = "0x43004300" if bf16 else "0x64006400"
+    shift = "shr.b32 t0, t0, 4; shr.b32 t1, t1, 4; " if high else ""
+    return ("{ .reg .b32 t0, t1, zero; mov.b32 zero, 0; "
+            "prmt.b32 t0, $2, zero, 0x4140; prmt.b32 t1, $2, zero, 0x4342; " + shift +
+            "and.b32 t0, t0, 0x000F000F; and.b32 t1, t1, 0x000F000F; "
+            f"or.b32 $0, t0, {magic}; or.b32 $1, t1, {magic}; }}")
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
                   stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ys,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr,
+                  ASM_LOW: tl.constexpr, ASM_HIGH: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -130,8 +78,10 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
         else:
             bias_z = (z + 1024.0).to(x.dtype)[:, None]
         # code - zero lies in -15..15, exact in bf16/fp16: the scale is applied to the tile's sums, in fp32
-        part = tl.dot(_nibbles(packed, False, BF16) - bias_z, tl.trans(x_even))
-        part = tl.dot(_nibbles(packed, True, BF16) - bias_z, tl.trans(x_odd), part)
+        low = tl.inline_asm_elementwise(ASM_LOW, "=r,=r,r", [packed], dtype=x.dtype, is_pure=True, pack=4)
+        high = tl.inline_asm_elementwise(ASM_HIGH, "=r,=r,r", [packed], dtype=x.dtype, is_pure=True, pack=4)
+        part = tl.dot(low - bias_z, tl.trans(x_even))
+        part = tl.dot(high - bias_z, tl.trans(x_odd), part)
         s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         acc += s[:, None] * part
     if HAS_BIAS:  # added once: by the first slice
@@ -166,11 +116,13 @@ def _launch(config: tuple[int, ...], x: torch.Tensor, qweight: torch.Tensor, sca
         y = torch.empty((sk, m, n), dtype=torch.float32, device=x.device)
         stride_ys = y.stride(0)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), sk)
+    bf16 = x.dtype == torch.bfloat16
     _w4a16_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else qweight, bias if bias is not None else scales, y,
         m, n, in_features, kp, x.stride(0), qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, n, stride_ys,
-        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
+        GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, BF16=bf16,
+        ASM_LOW=nibble_asm(False, bf16), ASM_HIGH=nibble_asm(True, bf16),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps, num_stages=stages,
     )
     return y if sk == 1 else y.sum(0).to(x.dtype)  # partial sums added in fp32

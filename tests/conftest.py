@@ -22,6 +22,11 @@ _RUN = os.environ.setdefault("GRAPHPRESS_TEST_RUN", uuid.uuid4().hex)
 os.environ["GRAPHPRESS_CACHE"] = str(Path(tempfile.gettempdir()) / f"graphpress-test-cache-{_RUN}")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-architectures", action="store_true",
+                     help="tests/test_recipes_architectures.py: every named recipe on all ten architectures")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
         shutil.rmtree(os.environ["GRAPHPRESS_CACHE"], ignore_errors=True)

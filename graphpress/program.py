@@ -57,6 +57,33 @@ class Program:
     def eval(self) -> Program:
         return self.train(False)
 
+    def to(self, device: str | torch.device) -> Program:
+        """Move the program to ``device``, in place (as ``nn.Module.to``), and return it: its weights, its
+        sample batch, and the device of every tensor the graph creates (torch.export records the capture's
+        device in ops such as ``arange`` and ``full``). On CUDA, graphpress's ops run their kernels
+        (graphpress.kernels.cuda)."""
+        device = torch.device(device)
+        self.gm.to(device)
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                names = [a.name for a in node.target._schema.arguments]
+                if "device" in names:  # factories (arange, zeros, full...) and casts: the capture's device or none
+                    at = names.index("device")
+                    if at < len(node.args):
+                        node.update_arg(at, device)
+                    else:
+                        node.update_kwarg("device", device)
+            elif node.op == "get_attr":  # constants that are neither parameters nor buffers
+                owner, _, name = node.target.rpartition(".")
+                module = self.gm.get_submodule(owner)
+                value = getattr(module, name)
+                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                        and value.device != device and name not in module._buffers:
+                    setattr(module, name, value.to(device))
+        self.gm.recompile()
+        self.example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+        return self
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that require gradients (each stored tensor once)."""
         return [p for p in self.gm.parameters() if p.requires_grad]

@@ -64,3 +64,21 @@ def test_the_provenance_record_survives_save_and_load(tmp_path: Path) -> None:
     assert "model.layers.1.self_attn.v_proj.weight" in unmerged
     for name, t in unmerged.items():
         assert torch.equal(t, originals[name]), name
+
+
+def test_to_moves_the_weights_and_the_tensors_the_graph_makes(tmp_path: Path) -> None:
+    """On the meta device every tensor the graph makes must follow (arange and zeros name no device in the
+    exported graph: they would make CPU tensors, and mixing them with meta ones fails the run); a reloaded
+    program moves too."""
+    program = capture_tiny("llama")
+    calibration = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)),)]
+    compressed, _ = run_pipeline(program.clone(), load_recipe("w4-rtn").passes, calibration=calibration)
+    factories = {n.target for n in program.gm.graph.nodes if n.op == "call_function"} & {
+        torch.ops.aten.arange.default, torch.ops.aten.zeros.default}
+    assert factories  # what the test is about
+    for p in (program, compressed, Program.load(compressed.save(tmp_path / "w4.pt2"))):
+        moved = p.to("meta")
+        assert moved is p and all(t.device.type == "meta" for t in list(p.gm.parameters()) + list(p.gm.buffers()))
+        out = p(torch.zeros(2, 7, dtype=torch.long, device="meta"))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        assert out.device.type == "meta" and out.shape == (2, 7, 128)

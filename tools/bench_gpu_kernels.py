@@ -1,5 +1,6 @@
-"""GPU kernel benchmark (issue 15): graphpress's W4A16 Triton kernel against bf16 cuBLAS (``F.linear``) and
-PyTorch's built-in int4 kernel (``aten._weight_int4pack_mm``, tinygemm), measured in the same run.
+"""GPU kernel benchmark (issue 15): graphpress's W4A16 and W8A8 Triton kernels against bf16 cuBLAS (``F.linear``),
+PyTorch's built-in int4 kernel (``aten._weight_int4pack_mm``, tinygemm) and cuBLAS int8 (``torch._int_mm``),
+measured in the same run.
 
 The issue's method: every op timed by CUDA-graph replay (launch overhead excluded), each graph cycling through
 enough copies of the weights (>= 4x the 60 MB L2, at least two) that no weight is read from cache; the time
@@ -7,9 +8,14 @@ of one product is the replays' time over replays x copies. Int4 weights are rand
 zero points and fp16 scales (what the GPU lowering stores); every kernel's output is checked against an fp32
 product of the same dequantized weights (SQNR).
 
-    PYTHONPATH=. python tools/bench_gpu_kernels.py --json $OUT/kernels.json
+    PYTHONPATH=. python tools/bench_gpu_kernels.py --json $OUT/kernels.json            # W4A16, M 1 4 16 256
+    PYTHONPATH=. python tools/bench_gpu_kernels.py --w8a8 --json $OUT/w8a8.json        # W8A8, M 256 1024 4096
 
-Prints one row per shape and M: microseconds per product, speedup over bf16, the weight bytes' bandwidth.
+Prints one row per shape and M: microseconds per product, speedup over bf16, the weight bytes' bandwidth, the
+kernel the tuner chose. W8A8 rows time the whole op (both activation kernels and the product, as a model calls
+it) and the product alone (the issue's "quantize step fused or cheap": the difference is its cost), against
+bf16 and against cuBLAS's int8 product of the same integers without any scaling (``torch._int_mm``).
+Weights: random int8 codes per channel; the reference is the fp32 product of the same int8 activations.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import math
 import sys
 
 import torch
+
+from graphpress.kernels.tuning import bucket
 
 SHAPES = {  # name: (N, K) for y = x @ W^T, W [N, K]
     "7B qkv": (12288, 4096), "8B qkv": (6144, 4096), "7B o": (4096, 4096), "7B up": (22016, 4096),
@@ -92,21 +100,23 @@ def tinygemm(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+def geomeans(result: dict, labels: tuple[str, ...], groups: list[list[int]]) -> None:
+    for label in labels:
+        for ms in groups:
+            speedups = [r[f"{label}_speedup"] for r in result["rows"] if r["m"] in ms and f"{label}_speedup" in r]
+            if speedups:
+                geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
+                result[f"{label}_geomean_m{'-'.join(map(str, ms))}"] = geo
+                print(f"{label}: geometric mean speedup over bf16 at M in {ms}: {geo:.2f}x (min {min(speedups):.2f}x)")
+
+
+def bench_w4(args: argparse.Namespace, gen: torch.Generator, result: dict) -> None:
+    from graphpress.kernels import triton_w4a16
     from graphpress.kernels.quantized import dequantize
     from graphpress.kernels.triton_w4a16 import w4a16_linear
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_tb_s": copy_bandwidth(), "rows": []}
-    print(f"{result['device']}, torch {result['torch']}, copy {result['copy_tb_s']:.2f} TB/s", flush=True)
     print(f"{'shape':10} {'M':>5} {'bf16 us':>8} {'w4 us':>8} {'x bf16':>7} {'TB/s':>5} {'SQNR':>5} "
-          f"{'tinygemm us':>11} {'x bf16':>7}", flush=True)
+          f"{'tinygemm us':>11} {'x bf16':>7} kernel", flush=True)
     for name in args.shapes:
         n, k = SHAPES[name]
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
@@ -121,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         ref_w = dequantize(*quant[0], k, 4, GROUP).float()
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-            outs: dict[str, torch.Tensor] = {}
             t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
-            t_w4 = graph_time_us([lambda q=q, x=x, k=k: w4a16_linear(x, q[0], q[1], q[2], None, k, GROUP) for q in quant])
+            t_w4 = graph_time_us([lambda q=q, x=x, k=k: w4a16_linear(x, q[0], q[1], q[2], None, k, GROUP)
+                                  for q in quant])
             ref = x.float() @ ref_w.T
-            outs["w4"] = w4a16_linear(x, *quant[0], None, k, GROUP)
+            out = w4a16_linear(x, *quant[0], None, k, GROUP)
+            chosen = [c for key, c in triton_w4a16.TUNER.chosen.items() if key[:3] == (bucket(m), n, k)]
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": t_bf16, "w4_us": t_w4,
-                   "w4_speedup": t_bf16 / t_w4, "w4_tb_s": w4_bytes / t_w4 / 1e6, "w4_sqnr_db": sqnr_db(ref, outs["w4"])}
+                   "w4_speedup": t_bf16 / t_w4, "w4_tb_s": w4_bytes / t_w4 / 1e6, "w4_sqnr_db": sqnr_db(ref, out),
+                   "w4_config": list(chosen[0]) if chosen else None}
             if tiny:
                 row["tinygemm_us"] = graph_time_us([lambda f=f, x=x: f(x) for f in tiny])
                 row["tinygemm_speedup"] = t_bf16 / row["tinygemm_us"]
@@ -135,16 +147,67 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(row)
             print(f"{name:10} {m:5d} {t_bf16:8.1f} {t_w4:8.1f} {row['w4_speedup']:7.2f} {row['w4_tb_s']:5.2f} "
                   f"{row['w4_sqnr_db']:5.1f} {row.get('tinygemm_us', float('nan')):11.1f} "
-                  f"{row.get('tinygemm_speedup', float('nan')):7.2f}", flush=True)
+                  f"{row.get('tinygemm_speedup', float('nan')):7.2f} {row['w4_config']}", flush=True)
         del dense, quant, tiny
         torch.cuda.empty_cache()
-    for label in ("w4", "tinygemm"):
-        for ms in ([m for m in args.m if m <= 16], [m for m in args.m if m > 16]):
-            speedups = [r[f"{label}_speedup"] for r in result["rows"] if r["m"] in ms and f"{label}_speedup" in r]
-            if speedups:
-                geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-                result[f"{label}_geomean_m{'le16' if max(ms) <= 16 else 'gt16'}"] = geo
-                print(f"{label}: geometric mean speedup over bf16 at M in {ms}: {geo:.2f}x (min {min(speedups):.2f}x)")
+    small, large = [m for m in args.m if m <= 16], [m for m in args.m if m > 16]
+    geomeans(result, ("w4", "tinygemm"), [ms for ms in (small, large) if ms])
+
+
+def bench_w8a8(args: argparse.Namespace, gen: torch.Generator, result: dict) -> None:
+    from graphpress.kernels import triton_w8a8
+    from graphpress.kernels.triton_w8a8 import launch, prepared, quantize_rows, w8a8_linear
+
+    print(f"{'shape':10} {'M':>5} {'bf16 us':>8} {'w8a8 us':>8} {'x bf16':>7} {'gemm us':>8} {'x bf16':>7} "
+          f"{'_int_mm us':>10} {'SQNR':>5} kernel", flush=True)
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+                 for _ in range(copies_for(n * k * 2))]
+        weights = []
+        for _ in range(copies_for(n * k)):
+            qweight = torch.randint(1, 256, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
+            scales = torch.rand(n, 1, device="cuda", generator=gen) * 0.001 + 1e-4
+            weights.append((qweight, scales, prepared(qweight, scales, None, k, 8, k)))
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
+            t_op = graph_time_us([lambda w=w, x=x, k=k: w8a8_linear(x, w[0], w[1], None, None, k, 8, k) for w in weights])
+            c, r, sz = quantize_rows(x)
+            key = (bucket(m), n, k, x.dtype, False)
+            config = triton_w8a8.TUNER.chosen[key]
+            t_gemm = graph_time_us([lambda w=w, a=(config, c, r, sz): launch(*a, *w[2], None, torch.bfloat16)
+                                    for w in weights])
+            t_int = graph_time_us([lambda w=w, c=c: torch._int_mm(c, w[2][0].T) for w in weights])
+            q, s, _ = weights[0][2]
+            ref = ((c.double() + 128 - sz[1].double()) @ q.double().T) * (sz[0].double() * s.double())
+            ref = ref * r.double()[:, None]
+            out = launch(config, c, r, sz, *weights[0][2], None, x.dtype)
+            row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": t_bf16, "w8a8_us": t_op,
+                   "w8a8_speedup": t_bf16 / t_op, "gemm_us": t_gemm, "gemm_speedup": t_bf16 / t_gemm,
+                   "int_mm_us": t_int, "int_mm_speedup": t_bf16 / t_int, "w8a8_sqnr_db": sqnr_db(ref, out),
+                   "w8a8_config": list(config)}
+            result["rows"].append(row)
+            print(f"{name:10} {m:5d} {t_bf16:8.1f} {t_op:8.1f} {row['w8a8_speedup']:7.2f} {t_gemm:8.1f} "
+                  f"{row['gemm_speedup']:7.2f} {t_int:10.1f} {row['w8a8_sqnr_db']:5.1f} {config}", flush=True)
+        del dense, weights
+        torch.cuda.empty_cache()
+    geomeans(result, ("w8a8", "gemm", "int_mm"), [list(args.m)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--w8a8", action="store_true", help="the W8A8 kernels (default M: 256 1024 4096)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    args.m = args.m or ([256, 1024, 4096] if args.w8a8 else [1, 4, 16, 256])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "copy_tb_s": copy_bandwidth(), "rows": []}
+    print(f"{result['device']}, torch {result['torch']}, copy {result['copy_tb_s']:.2f} TB/s", flush=True)
+    (bench_w8a8 if args.w8a8 else bench_w4)(args, gen, result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -34,13 +34,15 @@ def _case(m: int, n: int, k: int, group: int, symmetric: bool, bias: bool, dtype
     (100, 512, 1536, 64, False, True),
     (256, 4096, 11008, 128, False, False),  # 11008 = 86 groups of 128
 ])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_every_configuration_matches_the_reference(m, n, k, group, symmetric, bias, dtype) -> None:  # noqa: ANN001
-    from graphpress.kernels.triton_w4a16 import DECODE, PREFILL, _launch, w4a16_linear
+    from graphpress.kernels.layouts import gpu_layout
+    from graphpress.kernels.triton_w4a16 import candidates, launch, w4a16_linear
 
     (x, qweight, scales, zeros, b), ref = _case(m, n, k, group, symmetric, bias, dtype, seed=m + n)
-    for config in [c for c in (DECODE if m <= 16 else PREFILL) if group % c[2] == 0]:  # any the tuner may pick
-        out = _launch(config, x, qweight, scales, zeros, b, k, group)
+    layout = gpu_layout(qweight, scales.shape[1], group)
+    for config in candidates(m, group):  # any the tuner may pick, both kernels
+        out = launch(config, x, layout, scales, zeros, b, k, group)
         assert out.dtype == dtype and out.shape == (m, n)
         assert torch.isfinite(out).all()
         assert sqnr(ref.float(), out.float().cpu()) >= 45, config
@@ -55,7 +57,7 @@ def test_the_op_runs_the_kernel_on_cuda_and_under_cuda_graphs() -> None:
     (x, qweight, scales, zeros, b), ref = _case(4, 2048, 2048, 128, False, True, torch.bfloat16, seed=7)
     args = (qweight, scales, zeros, b, 2048, 4, 128)
     out = torch.ops.graphpress.quantized_linear(x, *args)  # tunes this shape: before the capture
-    assert any(key[1:3] == (2048, 2048) for key in triton_w4a16._CHOSEN)
+    assert any(key[1:3] == (2048, 2048) for key in triton_w4a16.TUNER.chosen)
     assert sqnr(ref.float(), out.float().cpu()) >= 45
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -1,0 +1,198 @@
+"""W8A8 on CUDA: graphpress::quantized_linear with ``activation_bits=8`` on int8 tensor cores, in Triton.
+
+The op's semantics (graphpress.kernels.quantized.w8a8_product): each row of x scaled to absmax 1, the whole
+tensor then quantized to uint8 with one asymmetric scale and zero point (ONNX's DynamicQuantizeLinear), times
+int8 weights with one scale per output channel (``int8_weight``):
+
+    y[m, n] = (sum_k (c[m, k] - zero) * q[n, k]) * (scale * s[n]) * r[m]  (+ bias[n])
+
+Three kernels:
+    ``_row_stats_kernel``  x [M, K] (bf16/fp16/fp32) -> r[m] = max |x[m]|, and min / max of x[m] / r[m]
+    ``_quantize_kernel``   the tensor's scale and zero point from those, c - 128 as int8 [M, K]
+    ``_w8a8_kernel``       int8 x int8 -> int32 on the tensor cores; the epilogue adds (128 - zero) * sum_k q[n]
+                           (so that c - 128 fits int8), then scales in fp32 and rounds once to x's dtype
+
+The weights, laid out once per tensor (``prepared``): q int8 [N, K] (K contiguous), s fp32 [N], sum_k q int32 [N].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from graphpress.kernels.quantized import int8_weight
+from graphpress.kernels.tuning import Tuner, bucket
+
+TINY = 1.1754943508222875e-38  # float32's smallest normal: the reference's floor for an all-zero row
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even, as torch.round, for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _row_stats_kernel(x_ptr, r_ptr, lo_ptr, hi_ptr, M, K, stride_xm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_R,), tl.float32)
+    mn = tl.zeros((BLOCK_R,), tl.float32)
+    mx = tl.zeros((BLOCK_R,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = r_mask[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        mn = tl.minimum(mn, tl.min(x, axis=1))  # 0 included: the range always holds 0
+        mx = tl.maximum(mx, tl.max(x, axis=1))
+    r = tl.maximum(amax, 1.1754943508222875e-38)
+    tl.store(r_ptr + rows, r, mask=r_mask)
+    tl.store(lo_ptr + rows, tl.math.div_rn(mn, r), mask=r_mask)  # min(x / r) = min(x) / r: division is monotonic
+    tl.store(hi_ptr + rows, tl.math.div_rn(mx, r), mask=r_mask)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, r_ptr, lo_ptr, hi_ptr, c_ptr, sz_ptr, M, K, stride_xm, stride_cm,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr):
+    # the tensor's range, from every row's (each program sums the same small vectors: no grid-wide sync)
+    lo = tl.zeros((BLOCK_A,), tl.float32)
+    hi = tl.zeros((BLOCK_A,), tl.float32)
+    for a0 in range(0, M, BLOCK_A):
+        offs = a0 + tl.arange(0, BLOCK_A)
+        lo = tl.minimum(lo, tl.load(lo_ptr + offs, mask=offs < M, other=0.0))
+        hi = tl.maximum(hi, tl.load(hi_ptr + offs, mask=offs < M, other=0.0))
+    low = tl.min(lo, axis=0)
+    scale = tl.math.div_rn(tl.max(hi, axis=0) - low, 255.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    zero = _rint(tl.minimum(tl.maximum(tl.math.div_rn(-low, scale), 0.0), 255.0))
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(sz_ptr, scale)
+        tl.store(sz_ptr + 1, zero)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < M
+    r = tl.load(r_ptr + rows, mask=r_mask, other=1.0)
+    cols = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        mask = r_mask[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(tl.math.div_rn(x, r[:, None]), scale)
+        c = tl.minimum(tl.maximum(_rint(v) + zero, 0.0), 255.0)
+        tl.store(c_ptr + rows[:, None] * stride_cm + (k0 + cols)[None, :], (c - 128.0).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _w8a8_kernel(a_ptr, q_ptr, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, K,
+                 stride_am, stride_qn, stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n  # neighbouring programs share rows of x and columns of q in the L2
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = tl.where(offs_m < M, offs_m, 0)  # rows past the edge read row 0 (their results are not stored)
+    q_rows = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            q = tl.load(q_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k < K)[None, :], other=0)
+            q = tl.load(q_ptrs, mask=(k0 + offs_k < K)[None, :], other=0)
+        acc = tl.dot(a, tl.trans(q), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    scale = tl.load(sz_ptr)
+    zero = tl.load(sz_ptr + 1).to(tl.int32)
+    qsum = tl.load(qsum_ptr + offs_n, mask=n_mask, other=0)
+    acc += (128 - zero) * qsum[None, :]  # the codes went in as c - 128
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    r = tl.load(r_ptr + offs_m, mask=m_mask, other=0.0)
+    y = acc.to(tl.float32) * (scale * ws)[None, :] * r[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+_PREPARED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def prepared(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int, bits: int,
+             group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], s fp32 [N], sum_k q int32 [N]) for the op's weight, computed once while it lives."""
+    kept = _PREPARED.get(qweight)
+    if kept is None or kept[0] != qweight._version:
+        q, s = int8_weight(qweight, scales, zeros, in_features, bits, group_size)
+        q = q.contiguous()
+        kept = (qweight._version, (q, s.float().contiguous(), q.sum(1, dtype=torch.int32)))
+        _PREPARED[qweight] = kept
+    return kept[1]
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (c - 128 int8 [M, K], r fp32 [M], (scale, zero) fp32 [2]): ``quantize_rows_uint8``."""
+    m, k = x.shape
+    r = torch.empty(m, dtype=torch.float32, device=x.device)
+    lo, hi = torch.empty_like(r), torch.empty_like(r)
+    c = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sz = torch.empty(2, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, 4),)
+    _row_stats_kernel[grid](x, r, lo, hi, m, k, x.stride(0), BLOCK_R=4, BLOCK_K=512, num_warps=4)
+    _quantize_kernel[grid](x, r, lo, hi, c, sz, m, k, x.stride(0), c.stride(0), BLOCK_R=4, BLOCK_K=512,
+                           BLOCK_A=1024, num_warps=4)
+    return c, r, sz
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+CONFIGS = [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+           (64, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 8, 4), (128, 64, 128, 8, 4, 4)]
+TUNER = Tuner()
+
+
+def launch(config: tuple, c: torch.Tensor, r: torch.Tensor, sz: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+           qsum: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    bm, bn, bk, gm, warps, stages = config
+    m, k = c.shape
+    n = q.shape[0]
+    y = torch.empty((m, n), dtype=dtype, device=c.device)
+    _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+        c, q, qsum, s, r, sz, bias if bias is not None else s, y, m, n, k, c.stride(0), q.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        num_warps=warps, num_stages=stages)
+    return y
+
+
+def supports(x: torch.Tensor, activation_bits: int) -> bool:
+    return x.is_cuda and activation_bits == 8 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, in_features: int, bits: int, group_size: int) -> torch.Tensor:
+    """The op with ``activation_bits=8`` (module docstring); x [..., K] on the GPU, y in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q, s, qsum = prepared(qweight, scales, zeros, in_features, bits, group_size)
+    c, r, sz = quantize_rows(x2)
+    key = (bucket(x2.shape[0]), q.shape[0], in_features, x.dtype, bias is not None)
+    config = TUNER.choose(key, CONFIGS, lambda cf, w: launch(cf, c, r, sz, w[0], w[1], w[2], bias, x.dtype),
+                          (q, s, qsum))
+    return launch(config, c, r, sz, q, s, qsum, bias, x.dtype).reshape(*lead, -1)
+

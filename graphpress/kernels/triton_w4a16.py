@@ -171,7 +171,6 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
                 SPLIT_X: tl.constexpr, ASM_LOW: tl.constexpr, ASM_HIGH: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     W: tl.constexpr = GROUP // 8
-    HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -184,15 +183,19 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
     offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_i = tl.arange(0, 8)
+    offs_w = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        jb = k0 // 2 + offs_b  # the tile's bytes; byte j of a group holds nibbles 2(j%4), 2(j%4)+1 of word j//4
-        j = jb % HALF
-        col = (jb // HALF) * GROUP + (j % 4) * (2 * W) + j // 4  # the low nibble's column; the high one's: + W
-        xp = x_ptr + offs_m[:, None] * stride_xm + col[None, :]
-        x_lo = tl.load(xp, mask=m_mask[:, None] & (col < K)[None, :], other=0.0)
-        x_hi = tl.load(xp + W, mask=m_mask[:, None] & (col + W < K)[None, :], other=0.0)
+        jb = k0 // 2 + offs_b  # the tile's bytes: byte j of a group holds nibbles 2(j%4), 2(j%4)+1 of word j//4
+        # x read in whole runs (nibble i of words w0.. covers columns i * W + w0..), then put in the bytes' order
+        cols = (k0 // GROUP) * GROUP + offs_i[:, None] * W + ((k0 % GROUP) // 8 + offs_w)[None, :]  # [8, BK/8]
+        x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + cols[None],
+                     mask=m_mask[:, None, None] & (cols < K)[None], other=0.0)
+        x_lo, x_hi = tl.split(tl.reshape(tl.permute(x3, (0, 2, 1)), (BLOCK_M, BLOCK_K // 8, 4, 2)))
+        x_lo = tl.reshape(x_lo, (BLOCK_M, BLOCK_K // 2))
+        x_hi = tl.reshape(x_hi, (BLOCK_M, BLOCK_K // 2))
         packed = tl.load(q_ptr + offs_n[:, None] * stride_qn + jb[None, :], mask=n_mask[:, None], other=0)
         g = k0 // GROUP
         if HAS_ZEROS:
@@ -226,12 +229,21 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(ws_ptr, y_ptr, SPLITS, COUNT, BLOCK: tl.constexpr):
+    """y = the sum of the split-K partial sums [SPLITS, COUNT] (fp32), rounded once to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < COUNT
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(ws_ptr + s * COUNT + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ("gemv", BLOCK_N, BLOCK_G, SPLIT_K, num_warps); BLOCK_M: the tokens' power of two, up to 4 (more: more programs)
-GEMV = [("gemv", bn, bg, sk, w) for bn, bg, w in ((16, 1, 4), (32, 1, 4), (16, 2, 4), (64, 1, 4), (32, 2, 4),
-                                                   (64, 1, 8), (128, 1, 8), (64, 2, 8)) for sk in (1, 2, 4, 8)]
+GEMV = [("gemv", bn, 1, sk, w) for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for sk in (1, 2, 4, 8)]
 # ("mma", BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
-DECODE = [("mma", 16, bn, bk, sk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4)
-          for st in (2, 4)]
+DECODE = [("mma", 16, bn, bk, sk, 4, 2) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4)]
 PREFILL = [("mma", bm, bn, bk, 1, w, 3) for bm, bn in ((64, 128), (128, 128), (128, 64)) for bk in (64, 128)
            for w in (4, 8)]
 GEMV_MAX_M = 8
@@ -279,7 +291,11 @@ def launch(config: tuple, x: torch.Tensor, layout: torch.Tensor, scales: torch.T
             BF16=bf16, SPLIT_X=x.dtype == torch.float32, ASM_LOW=nibble_asm(False, bf16),
             ASM_HIGH=nibble_asm(True, bf16), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps,
             num_stages=stages, **common)
-    return y if sk == 1 else y.sum(0).to(x.dtype)  # partial sums added in fp32
+    if sk == 1:
+        return y
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](y, out, sk, m * n, BLOCK=1024, num_warps=4)
+    return out
 
 
 def supports(x: torch.Tensor, bits: int, group_size: int, activation_bits: int) -> bool:

@@ -6,11 +6,13 @@ int8 weights with one scale per output channel (``int8_weight``):
 
     y[m, n] = (sum_k (c[m, k] - zero) * q[n, k]) * (scale * s[n]) * r[m]  (+ bias[n])
 
-Three kernels:
+Four kernels:
     ``_row_stats_kernel``  x [M, K] (bf16/fp16/fp32) -> r[m] = max |x[m]|, and min / max of x[m] / r[m]
-    ``_quantize_kernel``   the tensor's scale and zero point from those, c - 128 as int8 [M, K]
+    ``_scale_kernel``      the tensor's scale and zero point from those (one program)
+    ``_quantize_kernel``   c - 128 as int8 [M, K]
     ``_w8a8_kernel``       int8 x int8 -> int32 on the tensor cores; the epilogue adds (128 - zero) * sum_k q[n]
                            (so that c - 128 fits int8), then scales in fp32 and rounds once to x's dtype
+                           (``_w8a8_tma_kernel``: the same with the operands loaded through tensor descriptors)
 
 The weights, laid out once per tensor (``prepared``): q int8 [N, K] (K contiguous), s fp32 [N], sum_k q int32 [N].
 """
@@ -35,53 +37,52 @@ def _rint(v):
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, r_ptr, lo_ptr, hi_ptr, M, K, stride_xm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = rows < M
+def _row_stats_kernel(x_ptr, r_ptr, lo_ptr, hi_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """One row per program: r = max |x| (floored at float32's tiny), min and max of x / r (0 included)."""
+    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_R,), tl.float32)
-    mn = tl.zeros((BLOCK_R,), tl.float32)
-    mx = tl.zeros((BLOCK_R,), tl.float32)
+    amax = tl.zeros((BLOCK_K,), tl.float32)
+    mn = tl.zeros((BLOCK_K,), tl.float32)
+    mx = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask = r_mask[:, None] & (k0 + cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        mn = tl.minimum(mn, tl.min(x, axis=1))  # 0 included: the range always holds 0
-        mx = tl.maximum(mx, tl.max(x, axis=1))
-    r = tl.maximum(amax, 1.1754943508222875e-38)
-    tl.store(r_ptr + rows, r, mask=r_mask)
-    tl.store(lo_ptr + rows, tl.math.div_rn(mn, r), mask=r_mask)  # min(x / r) = min(x) / r: division is monotonic
-    tl.store(hi_ptr + rows, tl.math.div_rn(mx, r), mask=r_mask)
+        x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+        mn = tl.minimum(mn, x)
+        mx = tl.maximum(mx, x)
+    r = tl.maximum(tl.max(amax, axis=0), 1.1754943508222875e-38)
+    tl.store(r_ptr + row, r)
+    tl.store(lo_ptr + row, tl.math.div_rn(tl.min(mn, axis=0), r))  # min(x / r) = min(x) / r: monotonic
+    tl.store(hi_ptr + row, tl.math.div_rn(tl.max(mx, axis=0), r))
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, r_ptr, lo_ptr, hi_ptr, c_ptr, sz_ptr, M, K, stride_xm, stride_cm,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr):
-    # the tensor's range, from every row's (each program sums the same small vectors: no grid-wide sync)
-    lo = tl.zeros((BLOCK_A,), tl.float32)
-    hi = tl.zeros((BLOCK_A,), tl.float32)
-    for a0 in range(0, M, BLOCK_A):
-        offs = a0 + tl.arange(0, BLOCK_A)
+def _scale_kernel(lo_ptr, hi_ptr, sz_ptr, M, BLOCK: tl.constexpr):
+    """The tensor's (scale, zero point) from every row's range, as DynamicQuantizeLinear: one program."""
+    lo = tl.zeros((BLOCK,), tl.float32)
+    hi = tl.zeros((BLOCK,), tl.float32)
+    for a0 in range(0, M, BLOCK):
+        offs = a0 + tl.arange(0, BLOCK)
         lo = tl.minimum(lo, tl.load(lo_ptr + offs, mask=offs < M, other=0.0))
         hi = tl.maximum(hi, tl.load(hi_ptr + offs, mask=offs < M, other=0.0))
     low = tl.min(lo, axis=0)
     scale = tl.math.div_rn(tl.max(hi, axis=0) - low, 255.0)
     scale = tl.where(scale > 0, scale, 1.0)
-    zero = _rint(tl.minimum(tl.maximum(tl.math.div_rn(-low, scale), 0.0), 255.0))
-    pid = tl.program_id(0)
-    if pid == 0:
-        tl.store(sz_ptr, scale)
-        tl.store(sz_ptr + 1, zero)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = rows < M
-    r = tl.load(r_ptr + rows, mask=r_mask, other=1.0)
-    cols = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        mask = r_mask[:, None] & (k0 + cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = tl.math.div_rn(tl.math.div_rn(x, r[:, None]), scale)
-        c = tl.minimum(tl.maximum(_rint(v) + zero, 0.0), 255.0)
-        tl.store(c_ptr + rows[:, None] * stride_cm + (k0 + cols)[None, :], (c - 128.0).to(tl.int8), mask=mask)
+    tl.store(sz_ptr, scale)
+    tl.store(sz_ptr + 1, _rint(tl.minimum(tl.maximum(tl.math.div_rn(-low, scale), 0.0), 255.0)))
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, r_ptr, sz_ptr, c_ptr, K, stride_xm, stride_cm, BLOCK_K: tl.constexpr):
+    """One row and BLOCK_K columns per program: c - 128 = clamp(rint(x / r / scale) + zero, 0, 255) - 128."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = cols < K
+    r = tl.load(r_ptr + row)
+    scale = tl.load(sz_ptr)
+    zero = tl.load(sz_ptr + 1)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    c = tl.minimum(tl.maximum(_rint(tl.math.div_rn(tl.math.div_rn(x, r), scale)) + zero, 0.0), 255.0)
+    tl.store(c_ptr + row * stride_cm + cols, (c - 128.0).to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -130,6 +131,42 @@ def _w8a8_kernel(a_ptr, q_ptr, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _w8a8_tma_kernel(a_desc, q_desc, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """``_w8a8_kernel`` with both operands brought by the tensor memory accelerator (tensor descriptors; the
+    edges read as zeros)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        q = q_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, q.T, acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    scale = tl.load(sz_ptr)
+    zero = tl.load(sz_ptr + 1).to(tl.int32)
+    acc += (128 - zero) * tl.load(qsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    r = tl.load(r_ptr + offs_m, mask=m_mask, other=0.0)
+    y = acc.to(tl.float32) * (scale * ws)[None, :] * r[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
 _PREPARED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
@@ -152,29 +189,44 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     lo, hi = torch.empty_like(r), torch.empty_like(r)
     c = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sz = torch.empty(2, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, 4),)
-    _row_stats_kernel[grid](x, r, lo, hi, m, k, x.stride(0), BLOCK_R=4, BLOCK_K=512, num_warps=4)
-    _quantize_kernel[grid](x, r, lo, hi, c, sz, m, k, x.stride(0), c.stride(0), BLOCK_R=4, BLOCK_K=512,
-                           BLOCK_A=1024, num_warps=4)
+    _row_stats_kernel[(m,)](x, r, lo, hi, k, x.stride(0), BLOCK_K=1024, num_warps=4)
+    _scale_kernel[(1,)](lo, hi, sz, m, BLOCK=1024, num_warps=4)
+    _quantize_kernel[(m, triton.cdiv(k, 1024))](x, r, sz, c, k, x.stride(0), c.stride(0), BLOCK_K=1024, num_warps=4)
     return c, r, sz
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-CONFIGS = [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
-           (64, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (64, 256, 128, 8, 8, 4), (128, 64, 128, 8, 4, 4)]
+# (loads, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); loads: "ptr" (plain) or "tma" (descriptors,
+# K a multiple of 16)
+CONFIGS = [("ptr", 128, 256, 128, 8, 8, 3), ("ptr", 128, 128, 128, 8, 4, 4), ("ptr", 256, 128, 128, 8, 8, 3),
+           ("ptr", 64, 128, 128, 8, 4, 4), ("ptr", 128, 64, 128, 8, 4, 4),
+           ("tma", 128, 256, 128, 8, 8, 3), ("tma", 128, 128, 128, 8, 8, 4), ("tma", 256, 128, 128, 8, 8, 3),
+           ("tma", 128, 128, 128, 8, 4, 4), ("tma", 64, 128, 128, 8, 4, 4)]
 TUNER = Tuner()
+
+
+def candidates(k: int) -> list[tuple]:
+    return [c for c in CONFIGS if c[0] == "ptr" or k % 16 == 0]
 
 
 def launch(config: tuple, c: torch.Tensor, r: torch.Tensor, sz: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
            qsum: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    bm, bn, bk, gm, warps, stages = config
+    loads, bm, bn, bk, gm, warps, stages = config
     m, k = c.shape
     n = q.shape[0]
     y = torch.empty((m, n), dtype=dtype, device=c.device)
-    _w8a8_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        c, q, qsum, s, r, sz, bias if bias is not None else s, y, m, n, k, c.stride(0), q.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-        num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    b = bias if bias is not None else s
+    if loads == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _w8a8_tma_kernel[grid](
+            TensorDescriptor.from_tensor(c, [bm, bk]), TensorDescriptor.from_tensor(q, [bn, bk]), qsum, s, r, sz, b,
+            y, m, n, k, y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+            num_warps=warps, num_stages=stages)
+    else:
+        _w8a8_kernel[grid](
+            c, q, qsum, s, r, sz, b, y, m, n, k, c.stride(0), q.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+            EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -192,7 +244,7 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     q, s, qsum = prepared(qweight, scales, zeros, in_features, bits, group_size)
     c, r, sz = quantize_rows(x2)
     key = (bucket(x2.shape[0]), q.shape[0], in_features, x.dtype, bias is not None)
-    config = TUNER.choose(key, CONFIGS, lambda cf, w: launch(cf, c, r, sz, w[0], w[1], w[2], bias, x.dtype),
+    config = TUNER.choose(key, candidates(in_features), lambda cf, w: launch(cf, c, r, sz, w[0], w[1], w[2], bias, x.dtype),
                           (q, s, qsum))
     return launch(config, c, r, sz, q, s, qsum, bias, x.dtype).reshape(*lead, -1)
 

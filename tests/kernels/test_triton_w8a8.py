@@ -32,7 +32,7 @@ def _case(m: int, n: int, k: int, bits: int, group: int, bias: bool, seed: int):
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_activations_and_products_match_the_reference(m, n, k, bits, group, bias, dtype) -> None:  # noqa: ANN001
-    from graphpress.kernels.triton_w8a8 import CONFIGS, launch, prepared, quantize_rows
+    from graphpress.kernels.triton_w8a8 import candidates, launch, prepared, quantize_rows
 
     x, qweight, scales, zeros, b = _case(m, n, k, bits, group, bias, seed=m)
     x = x.to(dtype)
@@ -43,7 +43,7 @@ def test_activations_and_products_match_the_reference(m, n, k, bits, group, bias
     assert torch.equal(c.cpu().to(torch.int16) + 128, codes.to(torch.int16))
     assert torch.equal(r.cpu(), rows) and sz[1].item() == zero.item()
     q, s, qsum = prepared(cuda[1], cuda[2], cuda[3], k, bits, group)
-    for config in CONFIGS:
+    for config in candidates(k):  # plain and tensor-descriptor loads (K a multiple of 16)
         out = launch(config, c, r, sz, q, s, qsum, cuda[4], dtype)
         assert out.dtype == dtype and out.shape == (m, n)
         assert sqnr(ref, out.float().cpu()) >= 45, config

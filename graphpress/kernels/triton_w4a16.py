@@ -1,15 +1,17 @@
 """W4A16 on CUDA: graphpress::quantized_linear's 4-bit weights times bf16, fp16 or fp32 activations, in Triton.
 
     x        [M, K]               bf16, fp16 or fp32 (leading dims flattened into M)
-    qweight  [N, ceil(G * g / 2)] uint8, the op's layout (graphpress.kernels.quantized); laid out once for
-                                  the GPU (``gpu_layout``, kept beside the tensor for later calls)
+    qweight  [N, ceil(G * g / 2)] uint8, the op's layout (graphpress.kernels.quantized); the GEMV kernel
+                                  reads a copy laid out for it (``gpu_layout``, kept while the tensor lives)
     scales   [N, G]               any float dtype
     zeros    [N, ceil(G / 2)]     uint8, packed like the codes; None: 8 (symmetric)
     bias     [N] or None
     y        [M, N] = x @ ((code - zero) * scale)^T + bias, accumulated in fp32, rounded once to x's dtype
 
-The codes are read in graphpress.kernels.layouts.gpu_layout: each nibble position of a 32-bit word covers a
-contiguous run of columns, so the kernels read the activations they multiply with contiguous loads.
+In graphpress.kernels.layouts.gpu_layout each nibble position of a 32-bit word covers a contiguous run of
+columns, so the GEMV kernel reads the activations it multiplies with contiguous loads. (The tensor-core kernel
+reading that layout too, with x put in the bytes' order by a permute in registers, crashed Triton 3.6's
+dot-operand optimization; it reads the op's own layout.)
 
 Two kernels, the faster chosen per shape by timing (graphpress.kernels.tuning):
 
@@ -18,8 +20,8 @@ Two kernels, the faster chosen per shape by timing (graphpress.kernels.tuning):
   2^23 + zero * 16^j leaves (code - zero) * 16^j exactly; the activations are pre-scaled by 16^-j (exact).
   Per weight: about one integer op, one subtraction and one fused multiply-add per token; the group's scale
   multiplies each thread's partial sums once per 8 weights.
-- ``_mma_kernel`` (tensor cores, decode and prefill): the codes are the dot's left operand and the tokens its
-  right one (a decode step's 1-16 tokens sit on the narrow side); nibbles become bf16/fp16 by ``prmt``/``and``/
+- ``_mma_kernel`` (tensor cores, decode and prefill; the op's layout): the codes are the dot's left operand
+  and the tokens its right one (a decode step's 1-16 tokens sit on the narrow side); nibbles become bf16/fp16 by ``prmt``/``and``/
   ``or`` (``nibble_asm``), code - zero (-15..15) is exact in bf16/fp16 and the tile's sums are scaled in fp32.
   fp32 activations are split into two bf16 parts (x = hi + lo to ~16 bits), two products each.
 
@@ -170,7 +172,6 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
                 GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr,
                 SPLIT_X: tl.constexpr, ASM_LOW: tl.constexpr, ASM_HIGH: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    W: tl.constexpr = GROUP // 8
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -182,21 +183,18 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, BLOCK_K // 2)
-    offs_i = tl.arange(0, 8)
-    offs_w = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        jb = k0 // 2 + offs_b  # the tile's bytes: byte j of a group holds nibbles 2(j%4), 2(j%4)+1 of word j//4
-        # x read in whole runs (nibble i of words w0.. covers columns i * W + w0..), then put in the bytes' order
-        cols = (k0 // GROUP) * GROUP + offs_i[:, None] * W + ((k0 % GROUP) // 8 + offs_w)[None, :]  # [8, BK/8]
-        x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + cols[None],
-                     mask=m_mask[:, None, None] & (cols < K)[None], other=0.0)
-        x_lo, x_hi = tl.split(tl.reshape(tl.permute(x3, (0, 2, 1)), (BLOCK_M, BLOCK_K // 8, 4, 2)))
-        x_lo = tl.reshape(x_lo, (BLOCK_M, BLOCK_K // 2))
-        x_hi = tl.reshape(x_hi, (BLOCK_M, BLOCK_K // 2))
-        packed = tl.load(q_ptr + offs_n[:, None] * stride_qn + jb[None, :], mask=n_mask[:, None], other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                    mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+        # byte j of the tile holds column 2j (low nibble) and 2j + 1 (high): x is split into its even and odd
+        # columns (in registers) rather than the codes interleaved, and each half gets its own product
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        packed = tl.load(q_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_mask[:, None],
+                         other=0)
         g = k0 // GROUP
         if HAS_ZEROS:
             zb = tl.load(z_ptr + offs_n * stride_zn + g // 2, mask=n_mask, other=0)
@@ -212,15 +210,15 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KP,
         low = tl.inline_asm_elementwise(ASM_LOW, "=r,=r,r", [packed], dtype=wdt, is_pure=True, pack=4) - bias_z
         high = tl.inline_asm_elementwise(ASM_HIGH, "=r,=r,r", [packed], dtype=wdt, is_pure=True, pack=4) - bias_z
         if SPLIT_X:  # fp32 activations: x = hi + lo, each part in bf16
-            a_lo = x_lo.to(tl.bfloat16)
-            a_hi = x_hi.to(tl.bfloat16)
-            part = tl.dot(low, tl.trans(a_lo))
-            part = tl.dot(high, tl.trans(a_hi), part)
-            part = tl.dot(low, tl.trans((x_lo - a_lo.to(tl.float32)).to(tl.bfloat16)), part)
-            part = tl.dot(high, tl.trans((x_hi - a_hi.to(tl.float32)).to(tl.bfloat16)), part)
+            a_even = x_even.to(tl.bfloat16)
+            a_odd = x_odd.to(tl.bfloat16)
+            part = tl.dot(low, tl.trans(a_even))
+            part = tl.dot(high, tl.trans(a_odd), part)
+            part = tl.dot(low, tl.trans((x_even - a_even.to(tl.float32)).to(tl.bfloat16)), part)
+            part = tl.dot(high, tl.trans((x_odd - a_odd.to(tl.float32)).to(tl.bfloat16)), part)
         else:
-            part = tl.dot(low, tl.trans(x_lo))
-            part = tl.dot(high, tl.trans(x_hi), part)
+            part = tl.dot(low, tl.trans(x_even))
+            part = tl.dot(high, tl.trans(x_odd), part)
         s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         acc += s[:, None] * part
     if HAS_BIAS:  # added once: by the first slice
@@ -259,10 +257,11 @@ def candidates(m: int, group_size: int) -> list[tuple]:
     return found
 
 
-def launch(config: tuple, x: torch.Tensor, layout: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def launch(config: tuple, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
-    """One call with ``config``: x [M, K] (unit stride along K), the codes in ``gpu_layout``."""
-    m, n = x.shape[0], layout.shape[0]
+    """One call with ``config``: x [M, K] (unit stride along K), the codes in the op's layout (the GEMV kernel
+    reads them in ``gpu_layout``, made on its first call and kept)."""
+    m, n = x.shape[0], qweight.shape[0]
     groups = scales.shape[1]
     sk = config[3] if config[0] == "gemv" else config[4]
     if sk == 1:
@@ -277,6 +276,7 @@ def launch(config: tuple, x: torch.Tensor, layout: torch.Tensor, scales: torch.T
     if config[0] == "gemv":
         _, bn, bg, _, warps = config
         bm = min(4, bucket(m))
+        layout = laid_out(qweight, groups, group_size)
         _gemv_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), sk)](
             x, layout, scales, z, b, y, m, n, in_features, groups, x.stride(0), layout.stride(0), scales.stride(0),
             zeros.stride(0) if zeros is not None else 0, n, stride_ys,
@@ -284,9 +284,8 @@ def launch(config: tuple, x: torch.Tensor, layout: torch.Tensor, scales: torch.T
     else:
         _, bm, bn, bk, _, warps, stages = config
         bf16 = x.dtype != torch.float16
-        q8 = layout.view(torch.uint8)
         _mma_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), sk)](
-            x, q8, scales, z, b, y, m, n, in_features, groups * group_size, x.stride(0), q8.stride(0),
+            x, qweight, scales, z, b, y, m, n, in_features, groups * group_size, x.stride(0), qweight.stride(0),
             scales.stride(0), zeros.stride(0) if zeros is not None else 0, n, stride_ys,
             BF16=bf16, SPLIT_X=x.dtype == torch.float32, ASM_LOW=nibble_asm(False, bf16),
             ASM_HIGH=nibble_asm(True, bf16), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=warps,
@@ -315,13 +314,12 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    layout = laid_out(qweight, groups, group_size)
-    scales = scales.contiguous()
+    qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     m = x2.shape[0]
-    key = (bucket(m), layout.shape[0], in_features, group_size, x.dtype, zeros is not None, bias is not None)
+    key = (bucket(m), qweight.shape[0], in_features, group_size, x.dtype, zeros is not None, bias is not None)
     config = TUNER.choose(key, candidates(m, group_size),
                           lambda c, w: launch(c, x2, w[0], w[1], w[2] if zeros is not None else None, bias,
                                               in_features, group_size),
-                          (layout, scales) + ((zeros,) if zeros is not None else ()))
-    return launch(config, x2, layout, scales, zeros, bias, in_features, group_size).reshape(*lead, -1)
+                          (qweight, scales) + ((zeros,) if zeros is not None else ()))
+    return launch(config, x2, qweight, scales, zeros, bias, in_features, group_size).reshape(*lead, -1)

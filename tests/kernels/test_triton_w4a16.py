@@ -36,14 +36,12 @@ def _case(m: int, n: int, k: int, group: int, symmetric: bool, bias: bool, dtype
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_kernels_match_the_reference(m, n, k, group, symmetric, bias, dtype) -> None:  # noqa: ANN001
-    from graphpress.kernels.layouts import gpu_layout
     from graphpress.kernels.triton_w4a16 import candidates, launch, w4a16_linear
 
     (x, qweight, scales, zeros, b), ref = _case(m, n, k, group, symmetric, bias, dtype, seed=m + n)
-    layout = gpu_layout(qweight, scales.shape[1], group)
     every = candidates(m, group)
     for config in every[::5] + every[-1:]:  # a sample of what the tuner may pick: both kernels, with split-K
-        out = launch(config, x, layout, scales, zeros, b, k, group)
+        out = launch(config, x, qweight, scales, zeros, b, k, group)
         assert out.dtype == dtype and out.shape == (m, n)
         assert torch.isfinite(out).all()
         assert sqnr(ref.float(), out.float().cpu()) >= 45, config

@@ -86,18 +86,41 @@ def _quantize_kernel(x_ptr, r_ptr, sz_ptr, c_ptr, K, stride_xm, stride_cm, BLOCK
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile), GROUP_M row tiles at a time: neighbouring programs share rows of
+    x and columns of q in the L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, stride_ym,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = (acc + (128 - zero) * sum_k q) * scale * s[n] * r[m] (+ bias), rounded once to y's dtype (the codes
+    went in as c - 128)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    zero = tl.load(sz_ptr + 1).to(tl.int32)
+    acc += (128 - zero) * tl.load(qsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    r = tl.load(r_ptr + offs_m, mask=m_mask, other=0.0)
+    y = acc.to(tl.float32) * (tl.load(sz_ptr) * ws)[None, :] * r[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(a_ptr, q_ptr, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, K,
                  stride_am, stride_qn, stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n  # neighbouring programs share rows of x and columns of q in the L2
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -116,19 +139,8 @@ def _w8a8_kernel(a_ptr, q_ptr, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M,
         acc = tl.dot(a, tl.trans(q), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    scale = tl.load(sz_ptr)
-    zero = tl.load(sz_ptr + 1).to(tl.int32)
-    qsum = tl.load(qsum_ptr + offs_n, mask=n_mask, other=0)
-    acc += (128 - zero) * qsum[None, :]  # the codes went in as c - 128
-    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-    r = tl.load(r_ptr + offs_m, mask=m_mask, other=0.0)
-    y = acc.to(tl.float32) * (scale * ws)[None, :] * r[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _epilogue(acc, pid_m, pid_n, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+              BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -137,34 +149,14 @@ def _w8a8_tma_kernel(a_desc, q_desc, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_p
                      GROUP_M: tl.constexpr):
     """``_w8a8_kernel`` with both operands brought by the tensor memory accelerator (tensor descriptors; the
     edges read as zeros)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k0])
         q = q_desc.load([pid_n * BLOCK_N, k0])
         acc = tl.dot(a, q.T, acc, out_dtype=tl.int32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    scale = tl.load(sz_ptr)
-    zero = tl.load(sz_ptr + 1).to(tl.int32)
-    acc += (128 - zero) * tl.load(qsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
-    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-    r = tl.load(r_ptr + offs_m, mask=m_mask, other=0.0)
-    y = acc.to(tl.float32) * (scale * ws)[None, :] * r[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _epilogue(acc, pid_m, pid_n, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+              BLOCK_M, BLOCK_N)
 
 
 _PREPARED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()

@@ -19,8 +19,7 @@ Two kernels, the faster chosen per shape by timing (graphpress.kernels.tuning):
   instruction: (word & 0xF << 4j) | 0x4B000000 is the fp32 2^23 + code * 16^j, and subtracting
   2^23 + zero * 16^j leaves (code - zero) * 16^j exactly; the activations are pre-scaled by 16^-j (exact).
   Per weight: about one integer op, one subtraction and one fused multiply-add per token; the group's scale
-  multiplies each thread's partial sums once per 8 weights. The nibble positions are taken one at a time, so
-  a thread can hold up to 32 words (the next tile's in flight too) without spilling.
+  multiplies each thread's partial sums once per 8 weights.
 - ``_mma_kernel`` (tensor cores, decode and prefill; the op's layout): the codes are the dot's left operand
   and the tokens its right one (a decode step's 1-16 tokens sit on the narrow side); nibbles become bf16/fp16 by ``prmt``/``and``/
   ``or`` (``nibble_asm``), code - zero (-15..15) is exact in bf16/fp16 and the tile's sums are scaled in fp32.
@@ -70,10 +69,27 @@ def nibble_asm(high: bool, bf16: bool) -> str:
 
 
 @triton.jit
-def _x_part(x_row, cols, limit, i: tl.constexpr, W: tl.constexpr, E: tl.constexpr):
-    """The activations nibble i multiplies ([BG, W]: columns i * W + w of each group), times 16^-E."""
-    return (tl.load(x_row + cols + i * W, mask=cols + i * W < limit, other=0.0).to(tl.float32)
-            * (1.0 / (1 << (4 * E))))[None]
+def _nibble(src, mask: tl.constexpr, bias):
+    """(code - zero) * 16^j in fp32 for the nibble that ``mask`` selects; ``bias`` = 2^23 + zero * 16^j."""
+    return ((src & mask) | 0x4B000000).to(tl.float32, bitcast=True) - bias
+
+
+@triton.jit
+def _token_sum(x_row, cols, K, W: tl.constexpr, d0, d1, d2, d3, d4, d5, d6, d7):
+    """sum over the 8 nibbles of d_j * x[column of nibble j] / 16^e_j: one token's [BN, BG, W] partial sums."""
+    p = d0 * tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)[None]
+    p += d1 * (tl.load(x_row + cols + W, mask=cols + W < K, other=0.0).to(tl.float32) * 0.0625)[None]
+    p += d2 * (tl.load(x_row + cols + 2 * W, mask=cols + 2 * W < K, other=0.0).to(tl.float32) * 0.00390625)[None]
+    p += d3 * (tl.load(x_row + cols + 3 * W, mask=cols + 3 * W < K, other=0.0).to(tl.float32)
+               * 0.000244140625)[None]
+    p += d4 * (tl.load(x_row + cols + 4 * W, mask=cols + 4 * W < K, other=0.0).to(tl.float32)
+               * 0.0000152587890625)[None]
+    p += d5 * (tl.load(x_row + cols + 5 * W, mask=cols + 5 * W < K, other=0.0).to(tl.float32) * 0.00390625)[None]
+    p += d6 * (tl.load(x_row + cols + 6 * W, mask=cols + 6 * W < K, other=0.0).to(tl.float32)
+               * 0.000244140625)[None]
+    p += d7 * (tl.load(x_row + cols + 7 * W, mask=cols + 7 * W < K, other=0.0).to(tl.float32)
+               * 0.0000152587890625)[None]
+    return p
 
 
 @triton.jit
@@ -118,31 +134,25 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
             z = tl.full((1, 1, 1), 8.0, tl.float32)
         lo = words.to(tl.uint32, bitcast=True)
         hi = lo >> 12  # nibbles 5..7 at bits 8..19: below the exponent
+        d0 = _nibble(lo, 0xF, 8388608.0 + z)
+        d1 = _nibble(lo, 0xF0, 8388608.0 + z * 16.0)
+        d2 = _nibble(lo, 0xF00, 8388608.0 + z * 256.0)
+        d3 = _nibble(lo, 0xF000, 8388608.0 + z * 4096.0)
+        d4 = _nibble(lo, 0xF0000, 8388608.0 + z * 65536.0)
+        d5 = _nibble(hi, 0xF00, 8388608.0 + z * 256.0)
+        d6 = _nibble(hi, 0xF000, 8388608.0 + z * 4096.0)
+        d7 = _nibble(hi, 0xF0000, 8388608.0 + z * 65536.0)
         cols = (gi * GROUP)[:, None] + offs_w[None, :]
         x_row = x_ptr + m0 * stride_xm
-        lim1 = tl.where(m0 + 1 < M, K, 0)  # a row past M reads nothing
-        lim2 = tl.where(m0 + 2 < M, K, 0)
-        lim3 = tl.where(m0 + 3 < M, K, 0)
-        p0 = tl.zeros((BLOCK_N, BLOCK_G, W), tl.float32)
-        p1 = tl.zeros((BLOCK_N, BLOCK_G, W), tl.float32)
-        p2 = tl.zeros((BLOCK_N, BLOCK_G, W), tl.float32)
-        p3 = tl.zeros((BLOCK_N, BLOCK_G, W), tl.float32)
-        for i in tl.static_range(8):  # one nibble position at a time: one value per weight alive, not eight
-            E: tl.constexpr = i if i < 5 else i - 3
-            src = lo if i < 5 else hi
-            d = ((src & (0xF << (4 * E))) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z * (1 << (4 * E)))
-            p0 += d * _x_part(x_row, cols, K, i, W, E)
-            if BLOCK_M > 1:
-                p1 += d * _x_part(x_row + stride_xm, cols, lim1, i, W, E)
-            if BLOCK_M > 2:
-                p2 += d * _x_part(x_row + 2 * stride_xm, cols, lim2, i, W, E)
-                p3 += d * _x_part(x_row + 3 * stride_xm, cols, lim3, i, W, E)
-        acc0 += s * p0
+        acc0 += s * _token_sum(x_row, cols, K, W, d0, d1, d2, d3, d4, d5, d6, d7)
         if BLOCK_M > 1:
-            acc1 += s * p1
+            k1 = tl.where(m0 + 1 < M, K, 0)  # a row past M reads nothing
+            acc1 += s * _token_sum(x_row + stride_xm, cols, k1, W, d0, d1, d2, d3, d4, d5, d6, d7)
         if BLOCK_M > 2:
-            acc2 += s * p2
-            acc3 += s * p3
+            k2 = tl.where(m0 + 2 < M, K, 0)
+            acc2 += s * _token_sum(x_row + 2 * stride_xm, cols, k2, W, d0, d1, d2, d3, d4, d5, d6, d7)
+            k3 = tl.where(m0 + 3 < M, K, 0)
+            acc3 += s * _token_sum(x_row + 3 * stride_xm, cols, k3, W, d0, d1, d2, d3, d4, d5, d6, d7)
         words = upcoming
     bias = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_BIAS:  # added once: by the first slice
@@ -229,7 +239,7 @@ def _sum_splits_kernel(ws_ptr, y_ptr, SPLITS, COUNT, BLOCK: tl.constexpr):
 
 
 # ("gemv", BLOCK_N, BLOCK_G, SPLIT_K, num_warps); BLOCK_M: the tokens' power of two, up to 4 (more: more programs)
-GEMV = [("gemv", bn, bg, sk, w) for bn in (32, 64, 128) for bg in (1, 2, 4) for sk in (1, 2, 4, 8) for w in (4, 8)]
+GEMV = [("gemv", bn, 1, sk, w) for bn, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for sk in (1, 2, 4, 8)]
 # ("mma", BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
 DECODE = [("mma", 16, bn, bk, sk, 4, 2) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4)]
 PREFILL = [("mma", bm, bn, bk, 1, w, 3) for bm, bn in ((64, 128), (128, 128), (128, 64)) for bk in (64, 128)
@@ -242,8 +252,7 @@ def candidates(m: int, group_size: int) -> list[tuple]:
     """The configurations the tuner times for M tokens (each valid for ``group_size``)."""
     found = []
     if m <= GEMV_MAX_M:
-        most = 32 if m <= 2 else 16  # words per thread: more in flight, within the registers of BLOCK_M tokens
-        found += [c for c in GEMV if 4 <= (group_size // 8) * c[1] * c[2] // (32 * c[4]) <= most]
+        found += [c for c in GEMV if (group_size // 8) * c[1] * c[2] >= 32 * c[4]]
     found += [c for c in (DECODE if m <= 16 else PREFILL) if group_size % c[3] == 0]
     return found
 

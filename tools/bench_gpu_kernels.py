@@ -80,6 +80,12 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-300))
 
 
+def bf16_copies(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """bf16 weights [n, k], as many copies as overflow the L2."""
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+            for _ in range(copies_for(n * k * 2))]
+
+
 def int4_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     groups = k // GROUP
     qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
@@ -119,8 +125,7 @@ def bench_w4(args: argparse.Namespace, gen: torch.Generator, result: dict) -> No
           f"{'tinygemm us':>11} {'x bf16':>7} kernel", flush=True)
     for name in args.shapes:
         n, k = SHAPES[name]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-                 for _ in range(copies_for(n * k * 2))]
+        dense = bf16_copies(n, k, gen)
         quant = [int4_weights(n, k, gen) for _ in range(copies_for(n * k // 2))]
         w4_bytes = sum(t.numel() * t.element_size() for t in quant[0])
         try:
@@ -162,8 +167,7 @@ def bench_w8a8(args: argparse.Namespace, gen: torch.Generator, result: dict) -> 
           f"{'_int_mm us':>10} {'SQNR':>5} kernel", flush=True)
     for name in args.shapes:
         n, k = SHAPES[name]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-                 for _ in range(copies_for(n * k * 2))]
+        dense = bf16_copies(n, k, gen)
         weights = []
         for _ in range(copies_for(n * k)):
             qweight = torch.randint(1, 256, (n, k), dtype=torch.uint8, device="cuda", generator=gen)

@@ -245,17 +245,13 @@ class _Keeping(fx.Interpreter):
 
 
 def output_fisher(gm: fx.GraphModule, linears: Sequence[fx.Node], batches: list[tuple[torch.Tensor, ...]],
-                  rows: int = 2, grams: dict[fx.Node, torch.Tensor] | None = None
-                  ) -> dict[fx.Node, torch.Tensor] | None:
+                  rows: int = 2) -> dict[fx.Node, torch.Tensor] | None:
     """The diagonal Fisher information of each linear's output: per output channel, the sum over tokens of
     (dL/dy)^2, L the next-token loss of a causal language model (the mean over a batch's tokens), on the
     batches split into ``rows`` sequences at a time (the logits' gradient of a whole batch costs gigabytes).
     float64 [out features] per linear; None when the program is not a language model (graphpress.metrics.
-    lm_loss). The loss's sensitivity to each output: what weighs one layer's output error against another's.
-    ``grams``: filled, for the input node of every linear, with X^T X (float64 sums over the same tokens, as
-    ``Stats.xtx``): what a statistics stream over these batches would give, without running them again."""
+    lm_loss). The loss's sensitivity to each output: what weighs one layer's output error against another's."""
     tensors = [graph.get_tensor(gm, n.args[1]) for n in linears]
-    inputs = list(dict.fromkeys(n.args[0] for n in linears)) if grams is not None else []
     flags = [t.requires_grad for t in tensors]
     fisher = {n: torch.zeros(t.shape[0], dtype=torch.float64) for n, t in zip(linears, tensors, strict=True)}
     try:
@@ -265,14 +261,10 @@ def output_fisher(gm: fx.GraphModule, linears: Sequence[fx.Node], batches: list[
             for batch in batches:
                 for i in range(0, batch[0].shape[0], rows):
                     part = tuple(t[i:i + rows] for t in batch)
-                    run = _Keeping(gm, [*linears, *inputs])
+                    run = _Keeping(gm, linears)
                     loss = lm_loss(run.run(*part), part)
                     if loss is None:
                         return None
-                    for x in inputs:
-                        v = run.kept[x].detach()
-                        xtx = gram(v.reshape(-1, v.shape[-1]).float()).double()
-                        grams[x] = xtx if x not in grams else grams[x] + xtx
                     outs = [run.kept[n] for n in linears]
                     grads = torch.autograd.grad(loss, outs, allow_unused=True)
                     for n, g in zip(linears, grads, strict=True):

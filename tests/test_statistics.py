@@ -236,21 +236,3 @@ def test_output_fisher_is_none_for_a_program_without_logits() -> None:
     program = capture_tiny("bert")
     linear = next(n for n in program.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default)
     assert output_fisher(program.gm, [linear], [program.example_inputs]) is None
-
-
-def test_output_fisher_gathers_the_same_xtx_as_a_stream_over_its_batches() -> None:
-    """What factorize's rank allocation reads instead of streaming the batches a second time."""
-    program = capture_tiny("llama")
-    batches = _batches()
-    linears = [n for n in program.gm.graph.nodes
-               if n.op == "call_function" and n.target is aten.linear.default and ".layers." in n.args[1].target]
-    grams: dict[fx.Node, torch.Tensor] = {}
-    assert output_fisher(program.gm, linears, batches, grams=grams) is not None
-    assert set(grams) == {n.args[0] for n in linears} and len(grams) == 8  # 4 inputs in each of 2 layers
-    groups = groups_by_input(program.gm, {n.args[1].target for n in linears})
-    streamed: dict[str, torch.Tensor] = {}
-    stream_statistics(program.gm, batches, groups, Request(xtx=True),
-                      lambda part, stats: streamed.update({lead: s.inputs.xtx for lead, s in stats.items()}))
-    for n in linears:
-        if n.args[1].target in streamed:  # the group's lead
-            torch.testing.assert_close(grams[n.args[0]], streamed[n.args[1].target], rtol=1e-5, atol=1e-5)

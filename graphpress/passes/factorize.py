@@ -97,8 +97,8 @@ class Factorize(Selection, Pass):
             if self.rank is not None and self.rank > min(w.shape):
                 raise PassError(f"factorize: rank {self.rank} is above the full rank {min(w.shape)} of "
                                 f"{graph.module_name(n.args[1].target)} [{w.shape[0]}, {w.shape[1]}]")
-        fisher, grams = self._fisher(gm, ctx, nodes)
-        ranks = self._ranks(nodes, weights, fisher, grams)
+        fisher = self._fisher(gm, ctx, nodes)
+        ranks = self._ranks(gm, ctx, nodes, weights, fisher)
         for node in nodes:
             W, r = weights[node], ranks[node]
             if r > lowrank.break_even(*W.shape):
@@ -120,21 +120,17 @@ class Factorize(Selection, Pass):
             stats["weighed"] = weighed
         return PassResult(gm, bool(chosen), stats)
 
-    def _fisher(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]
-                ) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, torch.Tensor]]:
-        """The output channels' diagonal Fisher of every node, when ``fisher`` or ``allocate`` needs it, and
-        (for ``allocate``) X^T X of their inputs over the same batches, gathered by the same forward passes."""
+    def _fisher(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+        """The output channels' diagonal Fisher of every node, when ``fisher`` or ``allocate`` needs it."""
         if not (self.fisher or self.allocate):
-            return {}, {}
+            return {}
         self._check_calibration(ctx)
-        grams: dict[fx.Node, torch.Tensor] = {}
-        found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches),
-                              grams=grams if self.allocate else None)
+        found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches))
         if found is None:  # an encoder, a conv net: no next-token loss to weigh by
             log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
                      "fraction for every layer", ctx.program.name)
-            return {}, {}
-        return found, grams
+            return {}
+        return found
 
     def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
                  fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
@@ -198,18 +194,21 @@ class Factorize(Selection, Pass):
             raise PassError(f"factorize: {missing[0]} got no calibration statistics (the stream only reaches "
                             f"linears inside repeated blocks): leave it out with `ignore:` or use method plain")
 
-    def _ranks(self, nodes: list[fx.Node], weights: dict[fx.Node, torch.Tensor], fisher: dict[fx.Node, torch.Tensor],
-               grams: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
+    def _ranks(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
+               weights: dict[fx.Node, torch.Tensor], fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
         if self.rank is not None:
             return {n: self.rank for n in nodes}
         ratio = float(self.ratio)  # type: ignore[arg-type]
         if not (self.allocate and fisher):
             return {n: max(1, int(ratio * w.numel() / sum(w.shape))) for n, w in weights.items()}
         tails: dict[fx.Node, torch.Tensor] = {}
-        for x, xtx in grams.items():  # the Fisher's forward passes gave each input's X^T X
-            white = lowrank.whitening(xtx.float(), self.damp)
-            for node in (n for n in nodes if n.args[0] is x):
-                tails[node] = lowrank.tail_errors(weights[node], xtx.float(), fisher=fisher[node], white=white)
+
+        def on_group(members: list[fx.Node], xtx: torch.Tensor, _: torch.Tensor | None) -> None:
+            white = lowrank.whitening(xtx, self.damp)
+            for node in members:
+                tails[node] = lowrank.tail_errors(weights[node], xtx, fisher=fisher[node], white=white)
+
+        self._stream(gm, ctx, nodes, on_group, max_batches=self.allocate_batches)
         return allocate(tails, {n: tuple(w.shape) for n, w in weights.items()},
                         ratio * sum(w.numel() for w in weights.values()))
 

@@ -6,11 +6,6 @@ key and value comes out of onnxruntime's GroupQueryAttention (graphpress::cached
 kernel appends the new tokens in place, so the runtime keeps one buffer of the whole context for past and
 present (``past_present_share_buffer: true``, no copy of the cache per token); where the graph concatenates,
 it must not (``false``).
-
-The session runs without onnxruntime's CPU memory arena (``enable_cpu_mem_arena: false``): the arena keeps the
-largest buffers a prompt needs (its logits, a full-vocabulary row per token) for the whole session, while
-plain allocations go back as soon as a step ends. Measured on SmolLM2 `w4-decode` with onnxruntime-genai
-(BENCHMARKS.md, issue 14): peak 243 MB instead of 260, decoding no slower.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ def genai_config(cache: CacheLayout, config: Any, context: int | None, filename:
     eos = eos if eos is not None else (bos if bos is not None else 0)
     context = int(context or getattr(config, "max_position_embeddings", 0) or 2048)
     decoder = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [], "enable_cpu_mem_arena": False},
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": filename,
         "head_size": cache.head_dim,
         "hidden_size": int(getattr(config, "hidden_size", cache.heads * cache.head_dim)),

@@ -34,25 +34,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from graphpress.kernels.layouts import gpu_layout
+from graphpress.kernels.layouts import as_rows, gpu_layout, kept
 from graphpress.kernels.tuning import Tuner, bucket
-
-MAGIC = 0x4B000000  # the fp32 2^23: its mantissa's low 23 bits hold an integer exactly
-TWO23 = 8388608.0
-
-
-_LAYOUTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def laid_out(qweight: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
     """``gpu_layout`` of ``qweight``, computed once and kept while the tensor lives and is not modified."""
-    kept = _LAYOUTS.get(qweight)
-    if kept is None or kept[0] != qweight._version:
-        kept = (qweight._version, gpu_layout(qweight, groups, group_size))
-        _LAYOUTS[qweight] = kept
-    return kept[1]
+    return kept("w4 gemv", qweight, lambda: gpu_layout(qweight, groups, group_size))
 
 
 def nibble_asm(high: bool, bf16: bool) -> str:
@@ -310,10 +299,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 < groups * group_size:
         raise ValueError(f"w4a16: qweight must be uint8 [N, {groups * group_size // 2}], "
                          f"not {qweight.dtype} {list(qweight.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     m = x2.shape[0]
@@ -322,4 +308,4 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                           lambda c, w: launch(c, x2, w[0], w[1], w[2] if zeros is not None else None, bias,
                                               in_features, group_size),
                           (qweight, scales) + ((zeros,) if zeros is not None else ()))
-    return launch(config, x2, qweight, scales, zeros, bias, in_features, group_size).reshape(*lead, -1)
+    return launch(config, x2, qweight, scales, zeros, bias, in_features, group_size).reshape(*x.shape[:-1], -1)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from graphpress.kernels.layouts import as_rows, kept
 from graphpress.kernels.quantized import int8_weight
 from graphpress.kernels.tuning import Tuner, bucket
 
@@ -159,19 +159,15 @@ def _w8a8_tma_kernel(a_desc, q_desc, qsum_ptr, ws_ptr, r_ptr, sz_ptr, b_ptr, y_p
               BLOCK_M, BLOCK_N)
 
 
-_PREPARED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
 def prepared(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int, bits: int,
              group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], s fp32 [N], sum_k q int32 [N]) for the op's weight, computed once while it lives."""
-    kept = _PREPARED.get(qweight)
-    if kept is None or kept[0] != qweight._version:
+    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, s = int8_weight(qweight, scales, zeros, in_features, bits, group_size)
         q = q.contiguous()
-        kept = (qweight._version, (q, s.float().contiguous(), q.sum(1, dtype=torch.int32)))
-        _PREPARED[qweight] = kept
-    return kept[1]
+        return q, s.float().contiguous(), q.sum(1, dtype=torch.int32)
+
+    return kept("w8a8", qweight, make)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,14 +225,11 @@ def supports(x: torch.Tensor, activation_bits: int) -> bool:
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bias: torch.Tensor | None, in_features: int, bits: int, group_size: int) -> torch.Tensor:
     """The op with ``activation_bits=8`` (module docstring); x [..., K] on the GPU, y in x's dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     q, s, qsum = prepared(qweight, scales, zeros, in_features, bits, group_size)
     c, r, sz = quantize_rows(x2)
     key = (bucket(x2.shape[0]), q.shape[0], in_features, x.dtype, bias is not None)
     config = TUNER.choose(key, candidates(in_features), lambda cf, w: launch(cf, c, r, sz, w[0], w[1], w[2], bias, x.dtype),
                           (q, s, qsum))
-    return launch(config, c, r, sz, q, s, qsum, bias, x.dtype).reshape(*lead, -1)
+    return launch(config, c, r, sz, q, s, qsum, bias, x.dtype).reshape(*x.shape[:-1], -1)
 

@@ -30,3 +30,17 @@ def test_the_gpu_layout_holds_each_code_where_the_kernels_read_it(group: int) ->
 def test_a_group_size_the_words_cannot_hold_is_refused() -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         gpu_layout(torch.zeros(2, 6, dtype=torch.uint8), 1, 12)
+
+
+def test_kept_layouts_are_made_once_and_again_after_the_weight_changes() -> None:
+    from graphpress.kernels.layouts import as_rows, kept
+
+    w = torch.zeros(2, 3)
+    calls = []
+    make = lambda: calls.append(1) or w.sum().item()  # noqa: E731
+    assert kept("test", w, make) == 0 and kept("test", w, make) == 0 and len(calls) == 1
+    w.add_(1)  # modified in place: made again
+    assert kept("test", w, make) == 6 and len(calls) == 2
+    x = torch.randn(2, 3, 8)[..., ::2]  # no unit stride along K
+    rows = as_rows(x)
+    assert rows.shape == (6, 4) and rows.stride(-1) == 1 and torch.equal(rows, x.reshape(6, 4))

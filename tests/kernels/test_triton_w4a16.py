@@ -10,6 +10,7 @@ from graphpress.kernels.quantized import dequantize
 from graphpress.metrics import sqnr
 from graphpress.quant.qweight import QuantSpec
 from graphpress.quant.rtn import quantize_rtn
+from tests.kernels.cuda_graphs import replays_like_eager
 
 pytestmark = pytest.mark.gpu
 
@@ -58,12 +59,7 @@ def test_the_op_runs_the_kernel_on_cuda_and_under_cuda_graphs() -> None:
     out = torch.ops.graphpress.quantized_linear(x, *args)  # tunes this shape: before the capture
     assert any(key[1:3] == (2048, 2048) for key in triton_w4a16.TUNER.chosen)
     assert sqnr(ref.float(), out.float().cpu()) >= 45
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.graphpress.quantized_linear(x, *args)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(captured, torch.ops.graphpress.quantized_linear(x, *args))
+    captured = replays_like_eager(x, args)
     compiled = torch.compile(lambda t: torch.ops.graphpress.quantized_linear(t, *args), mode="reduce-overhead")
     for _ in range(3):
         torch.testing.assert_close(compiled(x), captured)

@@ -7,9 +7,10 @@ with s_k, s_v [Hkv * D] per layer: each channel's largest |key| (rotated) or |va
 text, divided by 127. The new tokens' keys and values are rounded to codes before attention reads them, and
 the cache (every past input and present output) holds the codes: a quarter of float32's bytes per token.
 
-Static scales per channel are what onnxruntime's GroupQueryAttention runs (``k_quant_type`` PER_CHANNEL,
-``kv_cache_bit_width`` 8); its CPU kernel has no per-token scales, which would cost less quality (measured in
-BENCHMARKS.md, issue 14). A channel whose values go past its calibrated maximum later saturates at ±127 codes.
+Static scales, one per channel, fixed before deployment: an int8 cache that a kernel reads with no scale
+computed at run time (how a target lowers it is its lowering rule's business; per-token scales would cost
+less quality, measured in BENCHMARKS.md, issue 14). A channel whose values go past its calibrated maximum
+later saturates at ±127 codes.
 Needs the fused attention (``fuse_attention`` before it) and calibration batches; refuses a cache already in
 int8 and a run without calibration; leaves a program without a cache (an encoder) or with an attention that
 is not fused (Mistral's sliding window) as it is, and its stats say why.
@@ -48,7 +49,7 @@ class QuantizeKVCache(Pass):
 
     def __post_init__(self) -> None:
         if self.bits != 8:
-            raise ValueError(f"quantize_kv_cache: bits must be 8 (onnxruntime's int8 cache), not {self.bits}")
+            raise ValueError(f"quantize_kv_cache: bits must be 8 (the int8 cache is the one this pass makes), not {self.bits}")
         if self.max_batches < 1:
             raise ValueError(f"quantize_kv_cache: max_batches must be at least 1, not {self.max_batches}")
 

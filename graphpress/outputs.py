@@ -30,6 +30,7 @@ from pathlib import Path
 
 MANIFEST = ".graphpress"
 STAGING = "graphpress-staging"
+STAGING_MARK = ".graphpress-staging"  # inside a staging directory while it is one: what remove_stale may delete
 RETIRED = "graphpress-retired"
 
 
@@ -105,7 +106,9 @@ def staged_output(out: Path, *, force: bool = False, protected: Iterable[Path] =
     tmp = out.parent / f".{out.name}.{STAGING}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # the umask's mode, like any directory the user makes (mkdtemp would make it 0700)
     try:
+        (tmp / STAGING_MARK).touch()
         yield tmp
+        (tmp / STAGING_MARK).unlink()
         _write_manifest(tmp)
         check_output(out, force=force, protected=protected)  # nothing moved in while we worked
         _swap(tmp, out)
@@ -150,9 +153,9 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _remove_output(d: Path) -> None:
+def _remove_output(d: Path) -> bool:
     """Remove an earlier output: the files its manifest lists that are really there (relative paths inside
-    ``d``, never through a link), then the folders they leave empty."""
+    ``d``, never through a link), then the folders they leave empty. Returns True (it always tried)."""
     present = {str(Path(root, f).relative_to(d)) for root, _, files in os.walk(d) for f in files}
     for f in (*(_manifest(d) or []), MANIFEST):
         if f in present and ".." not in Path(f).parts:
@@ -161,6 +164,7 @@ def _remove_output(d: Path) -> None:
     for root, _, _ in sorted(os.walk(d), key=lambda w: len(Path(w[0]).parts), reverse=True):
         with contextlib.suppress(OSError):
             Path(root).rmdir()
+    return True
 
 
 def _write_manifest(d: Path) -> None:
@@ -170,16 +174,26 @@ def _write_manifest(d: Path) -> None:
 
 def remove_stale(out: Path) -> list[Path]:
     """Remove staging (and retired) directories of ``out`` left by runs that were killed outright (their
-    process is gone; a run on another machine sharing the folder would look gone too)."""
+    process is gone; a run on another machine sharing the folder would look gone too). A staging directory goes
+    only while it holds graphpress's mark (a folder of the same name without it is left alone); a retired one
+    loses only the files its manifest lists."""
     removed = []
-    for kind, remove in ((STAGING, shutil.rmtree), (RETIRED, _remove_output)):
+    for kind, remove in ((STAGING, _remove_staging), (RETIRED, _remove_output)):
         prefix = f".{out.name}.{kind}-"  # then PID-random
         for d in out.parent.iterdir():
             pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
-            if pid.isdecimal() and pid.isascii() and d.is_dir() and not d.is_symlink() and not _alive(int(pid)):
-                remove(d)  # a staging directory is all graphpress's; a retired one, its manifest's files
+            if pid.isdecimal() and pid.isascii() and d.is_dir() and not d.is_symlink() and not _alive(int(pid)) \
+                    and remove(d):
                 removed.append(d)
     return removed
+
+
+def _remove_staging(d: Path) -> bool:
+    """Remove a staging directory, all of it graphpress's, if it carries the mark; whether it did."""
+    if not (d / STAGING_MARK).is_file():
+        return False
+    shutil.rmtree(d, ignore_errors=True)
+    return True
 
 
 def _alive(pid: int) -> bool:

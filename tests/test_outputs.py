@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from graphpress.outputs import MANIFEST, STAGING, OutputError, check_output, remove_stale, staged_output
+from graphpress.outputs import (
+    MANIFEST,
+    STAGING,
+    STAGING_MARK,
+    OutputError,
+    check_output,
+    remove_stale,
+    staged_output,
+)
 
 
 def _write(out: Path, files: dict[str, str], **kwargs: object) -> None:
@@ -77,13 +85,19 @@ def test_stale_staging_of_a_killed_run_is_removed(tmp_path: Path) -> None:
     out = tmp_path / "out"
     dead = tmp_path / f".out.{STAGING}-999999999-abc"  # no such pid
     dead.mkdir()
+    (dead / STAGING_MARK).touch()  # as staged_output marks it
     (dead / "model.onnx").write_text("half")
     alive = tmp_path / f".out.{STAGING}-{os.getpid()}-abc"  # a run still going: left alone
     alive.mkdir()
+    (alive / STAGING_MARK).touch()
     other = tmp_path / ".out.mine"  # not graphpress's
     other.mkdir()
+    lookalike = tmp_path / f".out.{STAGING}-999999998-abc"  # the name, but not graphpress's mark: left alone
+    lookalike.mkdir()
+    (lookalike / "notes.txt").write_text("user data")
     assert remove_stale(out) == [dead]
     assert not dead.exists() and alive.exists() and other.exists()
+    assert (lookalike / "notes.txt").read_text() == "user data"
     _write(out, {"model.onnx": "1"})
 
 

@@ -29,6 +29,7 @@ from graphpress import cache
 from graphpress import calibration_file as cf
 from graphpress import calibration_text as ct
 from graphpress import evaluation as ev
+from graphpress import training_text as tt
 from graphpress.calibration_file import UserCalibration
 from graphpress.capture import capture
 from graphpress.errors import describe, one_line
@@ -263,6 +264,22 @@ def _default_windows(src: Source, n: int, length: int, generated: int | None
     return ids, origin
 
 
+def prepare_training(src: Source, recipe: Recipe) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The recipe's training text (graphpress.training_text), sampled on the GPU when there is one."""
+    if src.kind != "causal-lm":
+        raise ValueError(f"recipe {recipe.name} trains (distill), which needs a causal language model; "
+                         f"{src.name} is {'a plain module' if src.kind == 'module' else 'an ' + src.kind}")
+    src.need_text(f"recipe {recipe.name}'s training")
+    spec = recipe.training
+    length = ev.window_length(src.context, spec.get("length", ev.WINDOW))
+    generated = spec.get("generated", 0)
+    if generated and not ct.can_generate(src.model):
+        raise ValueError(f"training: generated windows need a model that can sample (generate), and {src.name} "
+                         "cannot: set generated: 0 under training")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tt.training_windows(src.model, src.tokenizer, spec["windows"], length, generated, device, progress=True)
+
+
 def refuse_without_text(kind: str, no_tokenizer: str, recipe: Recipe, given: UserCalibration | None) -> None:
     """Refuse a recipe whose passes need calibration text when the model has no tokenizer (``no_tokenizer``
     says why, naming the model) and no token ids were given, or a text file given for such a model."""
@@ -338,6 +355,10 @@ def compress(
     with timer("calibration data"):
         cal = prepare_calibration(src, rec, given)
     cal_origin = cal.origin
+    training, training_origin = None, None
+    if rec.needs_training():
+        with timer("training text"):
+            training, training_origin = prepare_training(src, rec)
     with timer("capture"):
         program: Program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
     before = {"parameters": program.num_parameters(), "bytes": program.num_bytes()}
@@ -357,8 +378,8 @@ def compress(
             release_memory()
         with timer("passes"):
             compressed, records = run_pipeline(program, rec.passes, verify=verify, calibration=cal.batches,
-                                               progress=progress, in_place=True)
-        del program, cal
+                                               training=training, progress=progress, in_place=True)
+        del program, cal, training
         release_memory()
         with staged_output(out, force=force, protected=protected) as tmp:
             with timer("export"):
@@ -376,6 +397,7 @@ def compress(
                 "recipe": rec.to_json(),
                 "target": {"name": target, "options": options},
                 "calibration": cal_origin,
+                "training": training_origin,
                 "passes": [r.to_json() for r in records],
                 "parameters": {"before": before["parameters"], "after": compressed.num_parameters()},
                 "bytes": {"before": before["bytes"], "after": compressed.num_bytes(), "onnx_file": exported.bytes},

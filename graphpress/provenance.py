@@ -91,6 +91,11 @@ def record(gm: fx.GraphModule, new_target: str, sources: list[Piece]) -> None:
     table[new_target] = [p.to_json() for p in sources]
 
 
+def forget(gm: fx.GraphModule, target: str) -> None:
+    """Drop the record of a tensor the pass deletes (its sources stay recorded for the tensors made from them)."""
+    gm.meta.get(KEY, {}).pop(target, None)
+
+
 def sources_of(gm: fx.GraphModule, target: str) -> list[Piece]:
     """The original tensors ``target`` was made from, in ``target``'s coordinates: each recorded source that
     is itself recorded is replaced by its own sources, slices shifted (``[]`` when ``target`` has no record).

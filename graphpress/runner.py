@@ -80,16 +80,24 @@ def run_pipeline(
     *,
     verify: bool = True,
     calibration: list[tuple[torch.Tensor, ...]] | None = None,
+    training: torch.Tensor | None = None,
     exact_tolerance: float = 1e-4,
     in_place: bool = False,
     progress: bool = False,
 ) -> tuple[Program, list[PassRecord]]:
     """Run ``passes`` over ``program``; return the rewritten program and one record per pass.
 
-    The input program is left untouched unless ``in_place``.
+    The input program is left untouched unless ``in_place``. ``training``: token ids [windows, length] for
+    passes that train; when one of them learns from a teacher, a copy of the program as it is before the first
+    pass is kept as the teacher (its memory: one more copy of the weights).
     """
+    teacher = None
+    if any(getattr(p, "needs_teacher", False) for p in passes):
+        teacher = program.clone()
+        teacher.gm.requires_grad_(False)
     program = program if in_place else program.clone()
-    ctx = PassContext(program=program, calibration=list(calibration or []))
+    ctx = PassContext(program=program, calibration=list(calibration or []), teacher=teacher, training=training,
+                      progress=progress)
     records: list[PassRecord] = []
     previous = _run(program) if verify else None
     if previous is not None:

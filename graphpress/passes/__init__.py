@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.distill import Distill
 from graphpress.passes.factorize import Factorize
-from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize
+from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize, ThawQuantized
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
 from graphpress.passes.fuse_attention import FuseAttention
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.linearize import LinearizeMatmuls
+from graphpress.passes.lora import LoRA, MergeLoRA
 from graphpress.passes.merge_siblings import MergeSiblingLinears
 from graphpress.passes.prune import PruneHeads, PruneHidden, PruneMLP
 from graphpress.passes.prune_layers import PruneLayers
@@ -46,6 +48,10 @@ PASSES: dict[str, type[Pass]] = {
     "quantize_embedding": QuantizeEmbedding,
     "fake_quantize": FakeQuantize,
     "freeze_fake_quantize": FreezeFakeQuantize,
+    "thaw_quantized": ThawQuantized,
+    "lora": LoRA,
+    "merge_lora": MergeLoRA,
+    "distill": Distill,
     "fuse_rms_norm": FuseRMSNorm,
     "fuse_rotary": FuseRotary,
     "fuse_attention": FuseAttention,

@@ -37,6 +37,12 @@ class PassContext:
     program: Program
     # batches of positional inputs (same order as program.input_names), for passes that run the model
     calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # the program before the first pass, for passes that learn from it (``needs_teacher``: distillation)
+    teacher: Program | None = None
+    # training text, token ids [windows, length], for passes that train (``needs_training``)
+    training: torch.Tensor | None = None
+    # whether passes may show progress bars
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class Pass:
     exact: ClassVar[bool] = True
     # changes the model's architecture (widths, depth): compress then writes a Hugging Face copy (hf/)
     structural: ClassVar[bool] = False
+    # reads PassContext.teacher (the runner then keeps a copy of the program before the first pass)
+    needs_teacher: ClassVar[bool] = False
+    # reads PassContext.training (compress then builds the recipe's training text)
+    needs_training: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -20,8 +20,9 @@ import torch
 from torch import fx
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.fake_quantize)
-from graphpress.graph import cleanup, get_tensor, is_op, module_name, new_get_attr
-from graphpress.kernels.quantized import grid
+from graphpress import provenance
+from graphpress.graph import cleanup, delete_tensor, free_target, get_tensor, is_op, module_name, new_get_attr
+from graphpress.kernels.quantized import dequantize, grid, unpack_codes
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult
 from graphpress.passes.weight_only import WeightOnlyConfig, replace_linear, selected_linears
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
@@ -29,6 +30,7 @@ from graphpress.quant.rtn import quantize_rtn
 
 aten = torch.ops.aten
 FAKE = torch.ops.graphpress.fake_quantize.default
+QLINEAR = torch.ops.graphpress.quantized_linear.default
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,72 @@ class FreezeFakeQuantize(Pass):
             q = QuantizedWeight.from_codes(codes.reshape(w.shape[0], -1), s.float(), z.to(torch.uint8), spec, k)
             node.args = (node.args[0], weight, *node.args[2:])
             replace_linear(gm, node, q)
+            gm.graph.erase_node(fq)
+            if not zeros.users:  # the grid's zero points are a buffer: cleanup() keeps buffers
+                gm.graph.erase_node(zeros)
+                if not gm.graph.find_nodes(op="get_attr", target=zeros.target):
+                    delete_tensor(gm, zeros.target)
             frozen += 1
         cleanup(gm)
         return PassResult(gm, frozen > 0, {"frozen": frozen})
+
+
+@dataclass(frozen=True)
+class ThawQuantized(Pass):
+    """Quantized weights back to trainable ones on the same grid, for quantization-aware training that starts
+    from post-training quantization (GPTQ, AWQ):
+
+        quantized_linear(x, codes, s, z, b, ...)  =>  linear(x, fake_quantize(W, s, z, bits, g), b),  W = (codes - z) * s
+
+    Exact: W lies on its own grid, so the program computes what it computed; ``freeze_fake_quantize`` gives codes
+    again after training. Layers whose activations the model quantizes (W8A8) are left as they are (skipped).
+    """
+
+    name: ClassVar[str] = "thaw_quantized"
+    exact: ClassVar[bool] = True
+    learn_scales: bool = True
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        thawed, skipped = 0, {}
+        for node in list(gm.graph.nodes):
+            if not is_op(node, QLINEAR):
+                continue
+            x, qweight, scales, zeros, bias, k, bits, group, *rest = node.args
+            if rest and rest[0]:
+                skipped[node.name] = f"its activations are quantized to {rest[0]} bits (W8A8): not thawed"
+                continue
+            q, s, z = (get_tensor(gm, t) if isinstance(t, fx.Node) else None for t in (qweight, scales, zeros))
+            if q is None or s is None or (zeros is not None and z is None):
+                raise PassError(f"{self.name}: {node.name} reads computed quantized tensors; thaw needs stored ones")
+            w = dequantize(q, s, z, k, bits, group).to(s.dtype)
+            groups = s.shape[1]
+            zp = (torch.full((s.shape[0], groups), float(1 << (bits - 1))) if z is None
+                  else unpack_codes(z, bits, groups).float())
+            safe = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).tiny), s)  # an all-zero group
+            prefix = module_name(qweight.target)
+            sources = provenance.sources_of(gm, qweight.target)  # the original weights, through the codes
+            for t in (qweight, scales, zeros):  # the codes go: so do their records
+                if isinstance(t, fx.Node):
+                    provenance.forget(gm, t.target)
+            weight = new_get_attr(gm, free_target(gm, f"{prefix}.weight"), torch.nn.Parameter(w), node)
+            if sources and sources != [provenance.Piece(weight.target)]:
+                provenance.record(gm, weight.target, sources)
+            s_node = new_get_attr(gm, free_target(gm, f"{prefix}.fq_scales"), torch.nn.Parameter(safe.clone()), node)
+            gm.get_parameter(s_node.target).requires_grad_(self.learn_scales)
+            z_node = new_get_attr(gm, free_target(gm, f"{prefix}.fq_zeros"), zp, node, buffer=True)
+            with gm.graph.inserting_before(node):
+                fq = gm.graph.call_function(FAKE, (weight, s_node, z_node, bits, group))
+                linear = gm.graph.call_function(aten.linear.default, (x, fq, bias))
+            fq.meta = {"val": weight.meta["val"]}
+            linear.meta = {k_: v for k_, v in node.meta.items() if k_ in ("val", "nn_module_stack", "stack_trace")}
+            node.replace_all_uses_with(linear)
+            gm.graph.erase_node(node)
+            for t in (qweight, scales, zeros):
+                if isinstance(t, fx.Node) and not t.users:
+                    target = t.target
+                    gm.graph.erase_node(t)
+                    if not gm.graph.find_nodes(op="get_attr", target=target):
+                        delete_tensor(gm, target)
+            thawed += 1
+        cleanup(gm)
+        return PassResult(gm, thawed > 0, {"thawed": thawed, "skipped": skipped})

@@ -10,6 +10,7 @@
         targets: ['model\\.layers\\.']
     plugins: [my_passes.py]       # optional; modules that register their own passes (register_pass)
     calibration: {windows: 64, length: 512, batch: 8, generated: 32}   # optional; for passes that run the model
+    training: {windows: 4096, length: 512, generated: 3072}   # optional; text for passes that train (distill)
     target: {onnxruntime: {kernel: int8}}     # optional; options per lowering target (graphpress.lowering.targets)
 
 A recipe may extend a named one (``extends: w4-decode``): its passes run after that recipe's, and its
@@ -53,9 +54,13 @@ class Recipe:
     calibration: dict[str, int] = field(default_factory=dict)
     # lowering target name -> its options
     target: dict[str, dict[str, Any]] = field(default_factory=dict)
+    training: dict[str, int] = field(default_factory=dict)
 
     def needs_calibration(self) -> bool:
         return any(getattr(p, "needs_calibration", False) for p in self.passes)
+
+    def needs_training(self) -> bool:
+        return any(getattr(p, "needs_training", False) for p in self.passes)
 
     def structural(self) -> bool:
         """Whether a pass changes the model's architecture (compress then writes hf/)."""
@@ -67,6 +72,7 @@ class Recipe:
             "description": self.description,
             "passes": [{"pass": p.name, **_options(p)} for p in self.passes],
             "calibration": self.calibration,
+            "training": self.training,
             "target": self.target,
         }
 
@@ -94,11 +100,13 @@ def load_recipe(name_or_path: str | None) -> Recipe:
 
 
 TOP_LEVEL = {"name": str, "description": str, "extends": str, "plugins": list, "passes": list,
-             "calibration": dict, "target": dict}
+             "calibration": dict, "target": dict, "training": dict}
 # calibration: windows (causal LMs) or sentences (encoders), window length in tokens, windows per forward, how
 # many of the built-in windows the model samples itself (graphpress.calibration_text; default half)
 DEFAULT_WINDOWS = 64
 CALIBRATION = ("windows", "length", "batch", "sentences", "generated")
+# training (graphpress.training_text): windows of text, their length, how many of them the model writes itself
+TRAINING = ("windows", "length", "generated")
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
@@ -130,6 +138,18 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     if calibration.get("generated", 0) > calibration.get("windows", DEFAULT_WINDOWS):
         raise RecipeError(f"recipe {source}: calibration 'generated' ({calibration['generated']}) cannot exceed "
                           f"'windows' ({calibration.get('windows', 64)})")
+    training = {**base.training, **(data.get("training") or {})}
+    for key, value in training.items():
+        if key not in TRAINING:
+            raise RecipeError(f"recipe {source}: unknown key {key!r} under 'training' (allowed: {', '.join(TRAINING)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "generated" else 1):
+            raise RecipeError(f"recipe {source}: training {key!r} must be a whole number, not {value!r}")
+    if training.get("generated", 0) > training.get("windows", 0):
+        raise RecipeError(f"recipe {source}: training 'generated' ({training['generated']}) cannot exceed "
+                          f"'windows' ({training.get('windows', 0)})")
+    if any(getattr(p, "needs_training", False) for p in passes) and "windows" not in training:
+        raise RecipeError(f"recipe {source}: a pass trains ({next(p.name for p in passes if p.needs_training)}), "
+                          "so the recipe needs a 'training' section with windows (and length, generated)")
     target = {**base.target}
     for name, options in (data.get("target") or {}).items():
         target[name] = {**target.get(name, {}), **options} if isinstance(options, dict) else options
@@ -140,6 +160,7 @@ def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
         description=str(data.get("description", "")),
         calibration=calibration,
         target=target,
+        training=training,
     )
 
 

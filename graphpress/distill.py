@@ -1,0 +1,327 @@
+"""Recovery training: a compressed program (the student) learns from the uncompressed one (the teacher).
+
+    loss = kl * T^2 * KL(softmax(t / T) || softmax(s / T))              per token, over the vocabulary
+         + ce * cross-entropy(s, next token)                           on the training text itself
+         + hidden * mean over matched blocks of |P h_s - h_t|^2 / var(h_t)   block outputs, matched by name
+
+Blocks are matched through the module tree (``model.layers.7`` in both); where the widths differ (a pruned
+hidden size) a learned projection P maps the student's to the teacher's, trained with it and then dropped.
+AdamW, linear warm-up then cosine decay to ``min_lr`` of the peak, gradient clipping, bf16 autocast on a GPU,
+checkpoints every ``checkpoint_every`` steps (the run resumes from the last one), a progress bar with the loss
+and tokens per second. Rows of a parameter can be frozen (``masks``: the value share of a merged q/k/v
+projection): their gradients are zeroed, and AdamW without weight decay then leaves them as they were.
+
+Only the math of training lives here; which parameters train and where the text comes from is the pass's
+business (graphpress.passes.distill).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from graphpress.calibration import partition
+from graphpress.program import Program
+
+log = logging.getLogger(__name__)
+
+
+class DistillError(ValueError):
+    """Training cannot start: what is wrong and what to do, in one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tokens: int = 1_000_000  # training tokens (steps = tokens / (batch * window length))
+    batch: int = 16  # windows a step
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of the steps
+    min_lr: float = 0.1  # the cosine ends at this share of lr
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 1.0
+    kl: float = 1.0
+    ce: float = 0.0
+    hidden: float = 0.0
+    held_out: int = 8  # training windows kept aside to measure the KL before and after (never trained on)
+    device: str = "auto"  # "auto": the GPU when there is one
+    autocast: bool = True  # bf16 autocast on a GPU
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    def steps(self, length: int) -> int:
+        return max(1, self.tokens // (self.batch * length))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over tokens ([..., vocab] logits)."""
+    s = torch.log_softmax(student.float() / temperature, -1).flatten(0, -2)
+    t = torch.log_softmax(teacher.float() / temperature, -1).flatten(0, -2)
+    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def block_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Repeated block name -> the value that leaves it last (the residual stream after the block)."""
+    parts, blocks = partition(gm)
+    found: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        p = parts.get(node, 0)
+        if not 1 <= p <= len(blocks):
+            continue
+        val = node.meta.get("val")
+        leaves = any(u.op == "output" or parts.get(u, 0) > p for u in node.users)
+        if leaves and isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() == 3:
+            found[blocks[p - 1]] = node
+    return found
+
+
+def tapped(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A module sharing ``gm``'s parameters that returns ``(gm's output, block outputs of names...)``."""
+    taps = block_outputs(gm)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output((out, *[env[taps[n]] for n in names]))
+    module = fx.GraphModule(gm, graph)
+    module.meta = gm.meta
+    return module
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    device: str
+    held_out_before: float
+    held_out_after: float
+    losses: list[float]
+    resumed_from: int = 0
+    hidden_blocks: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["losses"] = [round(x, 5) for x in self.losses[:: max(1, len(self.losses) // 50)]]
+        out["tokens_per_second"] = round(self.tokens / self.seconds) if self.seconds else None
+        return out
+
+
+def train(student: Program, teacher: Program, windows: torch.Tensor, config: TrainConfig,
+          params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor] | None = None,
+          checkpoint: Path | None = None, progress: bool = False,
+          budget: Callable[[float, int], None] | None = None) -> TrainResult:
+    """Train ``params`` of ``student`` against ``teacher`` on ``windows`` [n, length]; both programs are moved to
+    the training device and back. ``budget(seconds_per_step, steps)`` is called after the first step (to refuse
+    a run that would take too long on this machine). Returns what happened."""
+    if not params:
+        raise DistillError("nothing to train: every parameter is frozen (check train/freeze/freeze_roles)")
+    if len(windows) <= config.held_out:
+        raise DistillError(f"{len(windows)} training windows, and {config.held_out} are held out to measure: "
+                           "ask for more windows under training")
+    device = pick_device(config.device)
+    length = windows.shape[1]
+    steps = config.steps(length)
+    train_ids, held = windows[: -config.held_out], windows[-config.held_out:]
+    names = _matched_blocks(student, teacher) if config.hidden else []
+    s_gm, t_gm = (tapped(p.gm, names) if names else p.gm for p in (student, teacher))
+    projections = _projections(s_gm, t_gm, names, student.example_inputs)
+    home = student.example_inputs[0].device
+    student.to(device)
+    teacher.to(device)
+    projections.to(device)
+    hooks = [p.register_hook(_row_mask(m.to(device))) for p, m in (masks or {}).items()]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return _loop(student, s_gm, t_gm, train_ids, held, config, params + list(projections.parameters()),
+                     projections, names, steps, device, checkpoint, progress, budget)
+    finally:
+        for h in hooks:
+            h.remove()
+        student.eval()
+        student.to(home)
+        teacher.to(home)
+
+
+def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_ids: torch.Tensor,
+          held: torch.Tensor, config: TrainConfig, params: list[nn.Parameter], projections: nn.ModuleList,
+          names: list[str], steps: int, device: torch.device, checkpoint: Path | None, progress: bool,
+          budget: Callable[[float, int], None] | None) -> TrainResult:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast and device.type == "cuda")
+
+    def losses(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(device)
+        with torch.no_grad(), autocast:
+            t_out = t_gm(ids)
+        with autocast:
+            s_out = s_gm(ids)
+        t_logits, t_hidden = (t_out[0], t_out[1:]) if names else (t_out, ())
+        s_logits, s_hidden = (s_out[0], s_out[1:]) if names else (s_out, ())
+        t_logits, s_logits = _first(t_logits), _first(s_logits)
+        loss = config.kl * kl_loss(s_logits, t_logits, config.temperature)
+        if config.ce:
+            loss = loss + config.ce * next_token_loss(s_logits, ids)
+        if names:
+            hidden = [nn.functional.mse_loss(proj(s.float()), t.float()) / t.float().var().clamp_min(1e-6)
+                      for proj, s, t in zip(projections, s_hidden, t_hidden, strict=True)]
+            loss = loss + config.hidden * torch.stack(hidden).mean()
+        return loss
+
+    def held_out_kl() -> float:
+        student.eval()
+        total = 0.0
+        with torch.no_grad():
+            for chunk in held.split(config.batch):
+                ids = chunk.to(device)
+                with autocast:
+                    total += kl_loss(_first(_head(s_gm(ids), names)), _first(_head(t_gm(ids), names)),
+                                     config.temperature).item() * len(chunk)
+        return total / len(held)
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    warm = max(1, int(config.warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress_ = (step - warm) / max(1, steps - warm)
+        return config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    start_step, history = 0, []
+    with torch.no_grad(), autocast:
+        vocab = [_first(_head(gm(held[:1].to(device)), names)).shape[-1] for gm in (t_gm, s_gm)]
+    if vocab[0] != vocab[1]:
+        raise DistillError(f"the teacher's vocabulary has {vocab[0]} entries and the student's {vocab[1]}: "
+                           "distill from a teacher with the student's tokenizer")
+    state = _load(checkpoint, config)
+    before = state["held_out_before"] if state else held_out_kl()
+    if state:
+        for p, saved in zip(params, state["params"], strict=True):
+            p.data.copy_(saved.to(p.device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, history = state["step"], state["losses"]
+        log.info("distill: resumed from step %d of %d (%s)", start_step, steps, checkpoint)
+    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
+    tokens_a_step = config.batch * train_ids.shape[1]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc="distill", unit="step", disable=None, leave=False)
+    student.train()
+    began = time.perf_counter()
+    for step in range(start_step, steps):
+        first = (step * config.batch) % len(order)
+        pick = order[first: first + config.batch]
+        if len(pick) < config.batch:  # wrap around the epoch
+            pick = torch.cat([pick, order[: config.batch - len(pick)]])
+        loss = losses(train_ids[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip:
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+        optimizer.step()
+        scheduler.step()
+        history.append(loss.item())
+        done = step + 1 - start_step
+        if step == start_step and budget is not None:
+            budget(time.perf_counter() - began, steps - start_step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}",
+                            tok_s=f"{done * tokens_a_step / (time.perf_counter() - began):.0f}")
+        if checkpoint is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+            _save(checkpoint, config, step + 1, params, optimizer, scheduler, history, before)
+    if bar is not None:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    after = held_out_kl()
+    if checkpoint is not None:
+        _save(checkpoint, config, steps, params, optimizer, scheduler, history, before)
+    return TrainResult(steps=steps, tokens=(steps - start_step) * tokens_a_step, seconds=seconds,
+                       device=str(device), held_out_before=before, held_out_after=after, losses=history,
+                       resumed_from=start_step, hidden_blocks=len(names))
+
+
+def _row_mask(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda grad: grad * mask
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _head(out: Any, names: list[str]) -> Any:
+    return out[0] if names else out
+
+
+def _matched_blocks(student: Program, teacher: Program) -> list[str]:
+    names = [n for n in block_outputs(student.gm) if n in block_outputs(teacher.gm)]
+    if not names:
+        raise DistillError("hidden: the student and the teacher share no repeated block (module names such as "
+                           "model.layers.3): set hidden: 0")
+    return names
+
+
+def _projections(s_gm: fx.GraphModule, t_gm: fx.GraphModule, names: list[str],
+                 inputs: tuple[torch.Tensor, ...]) -> nn.ModuleList:
+    """Identity where the widths agree, a learned linear map (least-norm start) where they differ."""
+    out = nn.ModuleList()
+    s_taps, t_taps = block_outputs(s_gm), block_outputs(t_gm)
+    for n in names:
+        ws, wt = s_taps[n].meta["val"].shape[-1], t_taps[n].meta["val"].shape[-1]
+        if ws == wt:
+            out.append(nn.Identity())
+        else:
+            proj = nn.Linear(ws, wt, bias=False)
+            nn.init.eye_(proj.weight)
+            out.append(proj)
+    return out
+
+
+def _fingerprint(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "device")}
+
+
+def _save(path: Path, config: TrainConfig, step: int, params: list[nn.Parameter], optimizer: Any,
+          scheduler: Any, losses: list[float], before: float) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save({"config": _fingerprint(config), "step": step, "params": [p.detach().cpu() for p in params],
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": losses,
+                "held_out_before": before}, tmp)
+    os.replace(tmp, path / "state.pt")  # a run killed while saving keeps the previous checkpoint
+
+
+def _load(path: Path | None, config: TrainConfig) -> dict[str, Any] | None:
+    if path is None or not (path / "state.pt").is_file():
+        return None
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if state.get("config") != _fingerprint(config):
+        log.info("distill: checkpoint %s is of another configuration: starting over", path)
+        return None
+    return state

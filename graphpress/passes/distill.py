@@ -1,0 +1,219 @@
+"""distill: recover what earlier passes lost by training the program against the uncompressed model.
+
+The student is the program as the passes before left it (pruned, fake-quantized, with LoRA adapters...); the
+teacher is the program before any pass (the runner keeps a copy when a recipe has this pass). Losses, schedule
+and checkpoints: graphpress.distill. Text: the recipe's ``training`` section (graphpress.training_text), never
+the evaluation, held-out or calibration text.
+
+Which parameters train:
+    train          regexes: only parameters whose names (or the names they came from, graphpress.provenance)
+                   match train; default every float parameter
+    freeze         regexes: parameters, or rows of merged ones, whose (source) names match stay as they are
+    freeze_roles   roles (graphpress.roles): the linears' weights, biases and fake-quantization scales stay;
+                   ``attention_value`` freezes only the value rows of a merged q/k/v projection.
+                   KD-QAT's ov-freeze is ``[attention_value, attention_output]``.
+
+Where it trains: ``device: auto`` takes the GPU when there is one. On a CPU the first step is timed and a run
+that would take longer than ``max_cpu_minutes`` is refused with the estimate (run it where a GPU is, or ask for
+fewer tokens). Checkpoints go to graphpress's cache, keyed by the student, the teacher, the text and the
+settings: the same compress run again resumes where the last one stopped (or skips a finished training).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.fake_quantize)
+from graphpress import cache, provenance
+from graphpress import calibration_text as ct
+from graphpress.distill import DistillError, TrainConfig, pick_device, train
+from graphpress.graph import aliases, is_op
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult
+from graphpress.roles import ROLES, attention_rows, linear_roles
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Distill(Pass):
+    """Knowledge distillation from the uncompressed program (logit KL, optional CE and hidden-state MSE)."""
+
+    name: ClassVar[str] = "distill"
+    exact: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+    needs_training: ClassVar[bool] = True
+
+    tokens: int = 1_000_000
+    batch: int = 16
+    lr: float = 1e-4
+    warmup: float = 0.05
+    min_lr: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 1.0
+    kl: float = 1.0
+    ce: float = 0.0
+    hidden: float = 0.0
+    held_out: int = 8
+    device: str = "auto"
+    autocast: bool = True
+    checkpoint_every: int = 200
+    seed: int = 0
+    train: tuple[str, ...] = (".*",)
+    freeze: tuple[str, ...] = ()
+    freeze_roles: tuple[str, ...] = ()
+    max_cpu_minutes: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key in ("train", "freeze", "freeze_roles"):
+            if isinstance(getattr(self, key), str):
+                object.__setattr__(self, key, (getattr(self, key),))
+        for role in self.freeze_roles:
+            if role not in ROLES:
+                raise ValueError(f"distill: unknown role {role!r} under freeze_roles (roles: {', '.join(ROLES)})")
+        for pattern in (*self.train, *self.freeze):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"distill: invalid regex {pattern!r}: {e}") from e
+        if self.tokens < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError("distill: tokens, batch and lr must be positive")
+        if min(self.kl, self.ce, self.hidden) < 0 or not (self.kl or self.ce or self.hidden):
+            raise ValueError("distill: the loss weights kl, ce and hidden are >= 0, and one of them > 0")
+        try:
+            pick_device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"distill: unknown device {self.device!r} (auto, cpu, cuda, cuda:1...)") from e
+
+    def config(self) -> TrainConfig:
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.program.kind != "causal-lm":
+            raise PassError(f"{self.name}: trains causal language models (the KL of next-token logits), and "
+                            f"{ctx.program.name} is {'an encoder' if ctx.program.kind == 'encoder' else 'a plain module'}: "
+                            "drop distill from the recipe")
+        if ctx.teacher is None:
+            raise PassError(f"{self.name}: no teacher: run it through run_pipeline (which keeps the program "
+                            "before the first pass as the teacher) or give PassContext(teacher=...)")
+        if ctx.training is None:
+            raise PassError(f"{self.name}: no training text: give the recipe a 'training' section (windows, "
+                            "length, generated) or run_pipeline(training=ids [windows, length])")
+        params, masks, frozen = select(gm, self.train, self.freeze, self.freeze_roles)
+        config = self.config()
+        device = pick_device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PassError(f"{self.name}: device {self.device} asked for, but no CUDA GPU is here")
+        windows = ctx.training
+        steps = config.steps(windows.shape[1])
+
+        def budget(seconds: float, steps_left: int) -> None:
+            estimate = seconds * steps_left / 60
+            if device.type == "cpu" and estimate >= 1:
+                log.warning("distill: no GPU here: training on the CPU, about %.0f minutes for %d steps",
+                            estimate, steps_left)
+            if device.type == "cpu" and estimate > self.max_cpu_minutes:
+                raise DistillError(
+                    f"no GPU here, and {config.tokens:,} training tokens would take about {_duration(estimate)} "
+                    f"on this CPU ({seconds:.1f} s a step, {steps_left} steps; max_cpu_minutes: "
+                    f"{self.max_cpu_minutes:g}): run this recipe where a CUDA GPU is, or lower distill's tokens")
+
+        key = cache.key("distill", ct.model_fingerprint(gm), ct.model_fingerprint(ctx.teacher.gm),
+                        _text_key(windows), sorted(asdict(self).items()), cache.code_version())
+        checkpoint = cache.cache_dir() / "training" / f"run-{key}"
+        try:
+            result = train(ctx.program, ctx.teacher, windows, config, params, masks, checkpoint=checkpoint,
+                           progress=ctx.progress, budget=budget)
+        except DistillError as e:
+            raise PassError(f"{self.name}: {e}") from None
+        stats = {**result.to_json(), "planned_steps": steps, "trainable_parameters": sum(p.numel() for p in params),
+                 "frozen": frozen, "checkpoint": str(checkpoint)}
+        log.info("distill: %d steps on %s, %.0f s; held-out KL %.4f -> %.4f", result.steps, result.device,
+                 result.seconds, result.held_out_before, result.held_out_after)
+        return PassResult(gm, True, stats)
+
+
+def _duration(minutes: float) -> str:
+    return f"{minutes:.0f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours"
+
+
+def _text_key(windows: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:24]
+
+
+def select(gm: fx.GraphModule, train_: tuple[str, ...], freeze: tuple[str, ...], freeze_roles: tuple[str, ...]
+           ) -> tuple[list[nn.Parameter], dict[nn.Parameter, torch.Tensor], dict[str, str]]:
+    """The parameters that train, row masks (1 trains, 0 stays) of those frozen in part, and what was frozen
+    (name -> "all" or the rows). Parameters that do not train get ``requires_grad=False``."""
+    named = dict(gm.named_parameters())
+    rows: dict[str, list[slice]] = {}  # parameter name -> frozen rows (slice(None): all)
+    for name in named:
+        pieces = provenance.sources_of(gm, name) or [provenance.Piece(name)]
+        if not any(re.search(p, name) or any(re.search(p, s.source) for s in pieces) for p in train_):
+            rows.setdefault(name, []).append(slice(None))
+        for pattern in freeze:
+            if re.search(pattern, name):
+                rows.setdefault(name, []).append(slice(None))
+                continue
+            for s in pieces:
+                if re.search(pattern, s.source):
+                    rows.setdefault(name, []).append(slice(None) if s.whole or s.dim != 0 else slice(s.start, s.stop))
+    canonical = {alias: name for name in named for alias in aliases(gm).get(name, [name])}
+    for node, part in _role_rows(gm, freeze_roles):
+        for target in _linear_tensors(node):
+            if target in canonical:
+                rows.setdefault(canonical[target], []).append(part)
+    params: list[nn.Parameter] = []
+    masks: dict[nn.Parameter, torch.Tensor] = {}
+    frozen: dict[str, str] = {}
+    for name, p in named.items():
+        cuts = rows.get(name, [])
+        if not p.is_floating_point() or any(c == slice(None) for c in cuts):
+            p.requires_grad_(False)
+            if p.is_floating_point():
+                frozen[name] = "all"
+            continue
+        p.requires_grad_(True)
+        params.append(p)
+        if cuts:
+            mask = torch.ones(p.shape[0], *[1] * (p.dim() - 1), dtype=p.dtype)
+            for c in cuts:
+                mask[c] = 0
+            masks[p] = mask
+            frozen[name] = ", ".join(f"rows {c.start}:{min(c.stop, p.shape[0])}" for c in cuts)
+    return params, masks, frozen
+
+
+def _role_rows(gm: fx.GraphModule, roles: tuple[str, ...]) -> list[tuple[fx.Node, slice]]:
+    if not roles:
+        return []
+    out = []
+    attention = attention_rows(gm)
+    for node, found in linear_roles(gm).items():
+        for role in set(roles) & found:
+            out.append((node, attention[role].get(node, slice(None)) if role in attention else slice(None)))
+    return out
+
+
+def _linear_tensors(node: fx.Node) -> list[str]:
+    """The parameter names a linear reads: weight (through a fake quantization: and its scales), bias."""
+    out = []
+    weight = node.args[1]
+    if isinstance(weight, fx.Node) and is_op(weight, torch.ops.graphpress.fake_quantize.default):
+        out += [a.target for a in weight.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"]
+    elif isinstance(weight, fx.Node) and weight.op == "get_attr":
+        out.append(weight.target)
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if isinstance(bias, fx.Node) and bias.op == "get_attr":
+        out.append(bias.target)
+    return out

@@ -1,0 +1,214 @@
+"""distill, thaw_quantized, lora / merge_lora on tiny programs: a distillation step lowers the loss, gradients
+reach only the weights that train, a thawed grid computes what the codes did, a merged adapter equals the
+unmerged one, checkpoints resume, and the refusals say what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress.distill import DistillError, TrainConfig, kl_loss, train
+from graphpress.passes import PASSES
+from graphpress.passes.base import PassContext
+from graphpress.passes.distill import Distill, select
+from graphpress.runner import PipelineError, run_pipeline
+from tests.conftest import capture_tiny
+
+P = PASSES
+QLINEAR = "graphpress.quantized_linear.default"
+
+
+def _windows(n: int = 24, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _calibration() -> list[tuple[torch.Tensor]]:
+    return [(w,) for w in _windows(8, 16, seed=5).split(4)]
+
+
+def _prep() -> list:
+    return [P["remove_noops"](), P["linearize_matmuls"]()]
+
+
+def _noisy(teacher):  # noqa: ANN001, ANN202
+    """The teacher with noise on every projection: a student with something to recover."""
+    student = teacher.clone()
+    with torch.no_grad():
+        for name, p in student.gm.named_parameters():
+            if "proj" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    return student
+
+
+def _peaked_llama():  # noqa: ANN202
+    """The tiny llama with a head 8x larger: peaked next-token distributions, as a trained model has."""
+    from graphpress.capture import capture
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    return capture(model, {"input_ids": ids}, name="tiny-llama")
+
+
+def test_distillation_lowers_the_held_out_loss() -> None:
+    """A damaged student trained against its teacher: the KL on windows it never trained on falls."""
+    teacher = _peaked_llama()
+    student = _noisy(teacher)
+    result = train(student, teacher, _windows(), TrainConfig(tokens=24 * 16 * 6, batch=4, lr=1e-3, held_out=6,
+                                                             warmup=0.0), list(student.gm.parameters()))
+    assert result.steps == 36 and result.device == "cpu"
+    assert result.held_out_after < 0.3 * result.held_out_before, result
+    assert not student.gm.training  # back in inference mode
+
+
+def test_distill_pass_trains_the_program_as_the_passes_left_it() -> None:
+    """The pass trains the pruned program (every parameter), reports what it did and hands it back on the CPU in
+    inference mode; the teacher is the program before the first pass."""
+    passes = [*_prep(), P["prune_mlp"](ratio=0.5, roles=("block",)),
+              Distill(tokens=24 * 16 * 2, batch=4, lr=3e-4, held_out=6, warmup=0.0)]
+    pruned, _ = run_pipeline(_peaked_llama(), passes[:-1], calibration=_calibration())
+    program, records = run_pipeline(_peaked_llama(), passes, calibration=_calibration(), training=_windows())
+    stats = records[-1].stats
+    assert stats["steps"] == 12 and stats["tokens"] == 12 * 4 * 16 and stats["frozen"] == {}
+    assert stats["trainable_parameters"] == sum(p.numel() for p in program.gm.parameters())
+    assert stats["held_out_before"] > 0 and len(stats["losses"]) == 12
+    assert not program.gm.training and all(p.device.type == "cpu" for p in program.gm.parameters())
+    moved = [(a - b).abs().max() for a, b in zip(program.gm.parameters(), pruned.gm.parameters(), strict=True)]
+    assert min(moved) > 0  # every parameter trained
+
+
+def test_gradients_reach_only_the_weights_that_train() -> None:
+    """ov-freeze on a merged q/k/v projection: its value rows and the output projection get no gradient, the
+    query/key rows and the MLP do; the head (tied to the embedding) is frozen as a whole."""
+    program, _ = run_pipeline(capture_tiny("llama"), [*_prep(), P["merge_sibling_linears"]()])
+    gm = program.gm
+    params, masks, frozen = select(gm, (".*",), (), ("head", "attention_value", "attention_output"))
+    qkv = dict(gm.named_parameters())["model.layers.0.self_attn.q_proj_k_proj_v_proj.weight"]
+    assert frozen["model.layers.0.self_attn.o_proj.weight"] == "all"
+    assert frozen["model.layers.0.self_attn.q_proj_k_proj_v_proj.weight"] == "rows 96:128"  # 2 kv heads of 16
+    assert "lm_head.weight" in frozen or "model.embed_tokens.weight" in frozen
+    hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in masks.items()]
+    program.train()
+    program(_windows(2)).pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    for name, p in gm.named_parameters():
+        if frozen.get(name) == "all":
+            assert p.grad is None, name
+        elif any(p is q for q in params):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert qkv.grad[96:].abs().sum() == 0 and qkv.grad[:96].abs().sum() > 0
+
+
+def test_freezing_by_name_follows_merged_weights_to_their_sources() -> None:
+    program, _ = run_pipeline(capture_tiny("llama"), [*_prep(), P["merge_sibling_linears"]()])
+    _, masks, frozen = select(program.gm, (".*",), (r"\.v_proj\.",), ())
+    assert frozen["model.layers.1.self_attn.q_proj_k_proj_v_proj.weight"] == "rows 96:128"
+    assert len(masks) == 2
+
+
+def test_thawed_grid_computes_what_the_codes_did_and_freezes_back_into_them() -> None:
+    """thaw_quantized is exact (the runner checks it), fake quantization's forward equals the quantized op's
+    reference, and rounding the untrained weights again gives the same codes."""
+    rtn, _ = run_pipeline(capture_tiny("llama"), [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",))])
+    thawed, records = run_pipeline(rtn, [P["thaw_quantized"]()])
+    assert records[0].stats["thawed"] == 14
+    assert not any(str(n.target) == QLINEAR for n in thawed.gm.graph.nodes)
+    x = _windows(2, 12, seed=9)
+    torch.testing.assert_close(thawed(x), rtn(x), rtol=1e-5, atol=1e-5)
+    frozen, _ = run_pipeline(thawed, [P["freeze_fake_quantize"]()])
+    codes = {n: t for n, t in frozen.gm.named_buffers() if n.endswith("qweight")}
+    before = {n: t for n, t in rtn.gm.named_buffers() if n.endswith("qweight")}
+    assert codes.keys() == before.keys() and all(torch.equal(codes[n], before[n]) for n in codes)
+    assert frozen.num_bytes() == rtn.num_bytes()
+
+
+def test_merged_lora_equals_unmerged() -> None:
+    program, records = run_pipeline(capture_tiny("llama"), [*_prep(), P["lora"](rank=4, roles=("block",))])
+    assert records[-1].stats["adapters"] == 14
+    assert all(not p.requires_grad for n, p in program.gm.named_parameters() if n.endswith("proj.weight"))
+    with torch.no_grad():  # as if trained: B away from zero
+        for name, p in program.gm.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    x = _windows(2, 12, seed=4)
+    unmerged = program(x)
+    merged, records = run_pipeline(program, [P["merge_lora"]()])  # exact: checked by the runner too
+    assert records[0].stats["merged"] == 14
+    assert not any("lora" in n for n, _ in merged.gm.named_parameters())
+    torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert (merged(x) - capture_tiny("llama")(x)).abs().max() > 1e-3  # the adapters did change the model
+
+
+def test_lora_beside_a_quantized_base_stays_unmerged_and_exports(tmp_path) -> None:  # noqa: ANN001
+    from graphpress.lowering.onnx import export_onnx
+
+    passes = [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",)), P["lora"](rank=4, roles=("block",)),
+              Distill(tokens=24 * 16 * 2, batch=4, lr=1e-2, held_out=4, train=(r"\.lora_[ab]$",)), P["merge_lora"]()]
+    program, records = run_pipeline(capture_tiny("llama"), passes, training=_windows(), calibration=_calibration())
+    assert records[-2].stats["trainable_parameters"] == sum(
+        p.numel() for n, p in program.gm.named_parameters() if "lora" in n)
+    assert records[-1].stats["merged"] == 0 and len(records[-1].stats["skipped"]) == 14
+    assert export_onnx(program, tmp_path / "m.onnx").check["sqnr_db"] > 20
+
+
+def test_checkpoint_resumes_a_finished_run_without_training_again(tmp_path) -> None:  # noqa: ANN001
+    teacher = capture_tiny("llama")
+    student, _ = run_pipeline(teacher, [*_prep(), P["prune_mlp"](ratio=0.5, roles=("block",))],
+                              calibration=_calibration())
+    second = student.clone()
+    config = TrainConfig(tokens=24 * 16 * 2, batch=4, lr=1e-3, held_out=4, checkpoint_every=3)
+    first = train(student, teacher, _windows(), config, [p for p in student.gm.parameters()],
+                  checkpoint=tmp_path / "ck")
+    again = train(second, teacher, _windows(), config, [p for p in second.gm.parameters()],
+                  checkpoint=tmp_path / "ck")
+    assert again.resumed_from == first.steps == 12 and again.tokens == 0
+    assert all(torch.equal(a, b) for a, b in zip(student.gm.parameters(), second.gm.parameters(), strict=True))
+
+
+def test_hidden_state_loss_matches_blocks_by_name_through_a_projection() -> None:
+    """prune_hidden changes the residual width: the hidden loss maps the student's block outputs to the
+    teacher's with a learned projection."""
+    passes = [*_prep(), P["prune_hidden"](ratio=0.25),
+              Distill(tokens=24 * 16, batch=4, lr=1e-3, held_out=4, hidden=1.0)]
+    _, records = run_pipeline(capture_tiny("llama"), passes, calibration=_calibration(), training=_windows())
+    assert records[-1].stats["hidden_blocks"] == 2
+
+
+def test_refusals_say_what_to_do() -> None:
+    llama = capture_tiny("llama")
+    with pytest.raises(PipelineError, match="nothing to train: every parameter is frozen"):
+        run_pipeline(llama, [Distill(tokens=64, batch=2, held_out=2, train=("nothing-matches",))],
+                     training=_windows())
+    with pytest.raises(PipelineError, match="no training text"):
+        run_pipeline(llama, [Distill(tokens=64)])
+    with pytest.raises(PipelineError, match=r"no GPU here, and 10,000,000 training tokens would take about .* "
+                                            r"run this recipe where a CUDA GPU is"):
+        run_pipeline(llama, [Distill(tokens=10_000_000, batch=2, held_out=2, max_cpu_minutes=0.001)],
+                     training=_windows())
+    with pytest.raises(PipelineError, match="trains causal language models"):
+        run_pipeline(capture_tiny("bert"), [Distill(tokens=64)], training=_windows())
+    with pytest.raises(ValueError, match="unknown role 'values'"):
+        Distill(freeze_roles=("values",))
+    # a teacher of another vocabulary (the Python API takes any teacher)
+    from graphpress.capture import capture
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tie=False)
+    model.lm_head = torch.nn.Linear(64, 100, bias=False)
+    other = capture(model, {"input_ids": _windows(2, 12)}, name="other-vocabulary")
+    student = llama.clone()
+    ctx_params = list(student.gm.parameters())
+    with pytest.raises(DistillError, match="teacher's vocabulary has 100 entries and the student's 128"):
+        train(student, other, _windows(), TrainConfig(tokens=64, batch=2, held_out=2), ctx_params)
+    assert PassContext(program=llama).teacher is None
+
+
+def test_kl_loss_is_zero_for_equal_logits_and_scales_with_temperature() -> None:
+    a = torch.randn(2, 5, 11)
+    assert kl_loss(a, a).abs() < 1e-6
+    b = torch.randn(2, 5, 11)
+    manual = (torch.softmax(b, -1) * (torch.log_softmax(b, -1) - torch.log_softmax(a, -1))).sum(-1).mean()
+    torch.testing.assert_close(kl_loss(a, b), manual)

@@ -58,7 +58,7 @@ def test_distillation_lowers_the_held_out_loss() -> None:
     student = _noisy(teacher)
     result = train(student, teacher, _windows(), TrainConfig(tokens=24 * 16 * 6, batch=4, lr=1e-3, held_out=6,
                                                              warmup=0.0), list(student.gm.parameters()))
-    assert result.steps == 36 and result.device == "cpu"
+    assert result.steps == 36 and result.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert result.held_out_after < 0.3 * result.held_out_before, result
     assert not student.gm.training  # back in inference mode
 
@@ -186,7 +186,7 @@ def test_refusals_say_what_to_do() -> None:
         run_pipeline(llama, [Distill(tokens=64)])
     with pytest.raises(PipelineError, match=r"no GPU here, and 10,000,000 training tokens would take about .* "
                                             r"run this recipe where a CUDA GPU is"):
-        run_pipeline(llama, [Distill(tokens=10_000_000, batch=2, held_out=2, max_cpu_minutes=0.001)],
+        run_pipeline(llama, [Distill(tokens=10_000_000, batch=2, held_out=2, max_cpu_minutes=0.001, device="cpu")],
                      training=_windows())
     with pytest.raises(PipelineError, match="trains causal language models"):
         run_pipeline(capture_tiny("bert"), [Distill(tokens=64)], training=_windows())

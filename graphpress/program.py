@@ -64,23 +64,9 @@ class Program:
         (graphpress.kernels.cuda)."""
         device = torch.device(device)
         self.gm.to(device)
-        for node in self.gm.graph.nodes:
-            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-                names = [a.name for a in node.target._schema.arguments]
-                if "device" in names:  # factories (arange, zeros, full...) and casts: the capture's device or none
-                    at = names.index("device")
-                    if at < len(node.args):
-                        node.update_arg(at, device)
-                    else:
-                        node.update_kwarg("device", device)
-            elif node.op == "get_attr":  # constants that are neither parameters nor buffers
-                owner, _, name = node.target.rpartition(".")
-                module = self.gm.get_submodule(owner)
-                value = getattr(module, name)
-                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
-                        and value.device != device and name not in module._buffers:
-                    setattr(module, name, value.to(device))
-        self.gm.recompile()
+        # nested graphs too: torch.export keeps autocast / grad-mode regions as submodules (wrap_with_autocast)
+        for gm in [m for m in self.gm.modules() if isinstance(m, fx.GraphModule)]:
+            _move_graph(gm, device)
         self.example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
         return self
 
@@ -154,6 +140,27 @@ class Program:
 
 
 _FACTS = "graphpress.json"
+
+
+def _move_graph(gm: fx.GraphModule, device: torch.device) -> None:
+    """The device arguments of ``gm``'s factories and casts, and its plain tensor constants, to ``device``."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            names = [a.name for a in node.target._schema.arguments]
+            if "device" in names:  # factories (arange, zeros, full...) and casts: the capture's device or none
+                at = names.index("device")
+                if at < len(node.args):
+                    node.update_arg(at, device)
+                else:
+                    node.update_kwarg("device", device)
+        elif node.op == "get_attr":  # constants that are neither parameters nor buffers
+            owner, _, name = node.target.rpartition(".")
+            module = gm.get_submodule(owner)
+            value = getattr(module, name)
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and value.device != device and name not in module._buffers:
+                setattr(module, name, value.to(device))
+    gm.recompile()
 
 
 def _unique_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:

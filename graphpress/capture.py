@@ -14,6 +14,7 @@ import copy
 import inspect
 import io
 import logging
+import operator
 import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import nn
+from torch import fx, nn
 
 from graphpress import kv_cache
 from graphpress.errors import describe, one_line
@@ -112,6 +113,7 @@ def capture(
     finally:
         model.train(was_training)
     gm = torch.nn.Module.train(ep.module(), False)  # inference until Program.train() (ep.module() refuses eval())
+    inline_regions(gm)
     log.info("captured %s: %d nodes", name, len(gm.graph.nodes))
     return Program(
         gm=gm,
@@ -123,6 +125,67 @@ def capture(
         kind=kind,
         meta=meta,
     )
+
+
+# torch.export keeps a region run under torch.no_grad() or torch.autocast(...) as a submodule called by one of
+# these (operand positions after the flags): passes would have to look inside, and a device move misses it
+_REGIONS = {"wrap_with_set_grad_enabled": 2, "wrap_with_autocast": 5}
+
+
+def inline_regions(gm: fx.GraphModule) -> int:
+    """Replace each grad-mode or autocast region by its nodes, in place; return how many were inlined.
+
+    A program computes the same without them: it runs without gradients unless it trains, where every op of a
+    no-grad region reads buffers only (rotary tables, masks), and its dtypes are the ones export recorded (an
+    autocast-disabled region's casts are explicit nodes)."""
+    inlined = 0
+    for node in list(gm.graph.nodes):
+        first = _REGIONS.get(getattr(node.target, "__name__", "")) if node.op == "call_function" else None
+        if first is None:
+            continue
+        sub_node, operands = node.args[first - 1], node.args[first:]
+        sub = getattr(gm, sub_node.target)
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, operands, strict=True))
+        result: Any = None
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "output":
+                    result = fx.node.map_arg(n.args[0], lambda a: env[a])
+                    break
+                if n.op == "get_attr":  # a constant of the region: moved onto the program
+                    target = _free_attr(gm, n.target)
+                    setattr(gm, target, getattr(sub, n.target))
+                    env[n] = gm.graph.get_attr(target)
+                    env[n].meta = dict(n.meta)
+                    continue
+                env[n] = gm.graph.node_copy(n, lambda a: env[a])
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+        inlined += 1
+    if inlined:
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _free_attr(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name.replace(".", "_"), 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name.replace('.', '_')}_{i}"
+    return candidate
 
 
 def _capture_with_cache(model: nn.Module, ids: torch.Tensor, dims: dict[int, str], name: str, kind: str
@@ -144,6 +207,7 @@ def _capture_with_cache(model: nn.Module, ids: torch.Tensor, dims: dict[int, str
     finally:
         model.train(was_training)
     gm = torch.nn.Module.train(ep.module(), False)
+    inline_regions(gm)
     kv_cache.detach(gm, layout)
     return Program(gm=gm, example_inputs=(ids,), input_names=("input_ids",), output_names=(HF_OUTPUT["causal-lm"],),
                    dynamic_dims=(dict(dims),), name=name, kind=kind)

@@ -139,3 +139,34 @@ def test_a_forward_taking_args_is_called_by_position() -> None:
         torch.testing.assert_close(program(a, b), model(a, b))
     with pytest.raises(CaptureError, match="holds tensors inside a list"):
         capture(nn.Linear(4, 2), {"input": [torch.randn(2, 4)]}, name="lin")
+
+
+class _Regions(torch.nn.Module):
+    """A no-grad region (rotary tables are made so) and an autocast-disabled one, which torch.export keeps as
+    submodules called by higher-order ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            positions = torch.arange(x.shape[1], device=x.device).float()
+        with torch.autocast(x.device.type, enabled=False):
+            doubled = x.float() * 2
+        return self.lin(x) + positions + doubled
+
+
+def test_grad_mode_and_autocast_regions_are_inlined() -> None:
+    from graphpress.capture import capture
+
+    model = _Regions()
+    x = torch.randn(2, 4)
+    program = capture(model, (x,), name="regions")
+    ops = {getattr(n.target, "__name__", str(n.target)) for n in program.gm.graph.nodes}
+    assert not ops & {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
+    assert not [m for m in program.gm.modules() if m is not program.gm and isinstance(m, torch.fx.GraphModule)]
+    torch.testing.assert_close(program(x), model(x))
+    program.train()
+    program(x).sum().backward()  # the program trains through what were the regions
+    assert program.gm.lin.weight.grad is not None

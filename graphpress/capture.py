@@ -154,7 +154,7 @@ def inline_regions(gm: fx.GraphModule) -> int:
                 if n.op == "placeholder":
                     continue
                 if n.op == "output":
-                    result = fx.node.map_arg(n.args[0], lambda a: env[a])
+                    result = fx.node.map_arg(n.args[0], env.__getitem__)
                     break
                 if n.op == "get_attr":  # a constant of the region: moved onto the program
                     target = _free_attr(gm, n.target)
@@ -162,7 +162,7 @@ def inline_regions(gm: fx.GraphModule) -> int:
                     env[n] = gm.graph.get_attr(target)
                     env[n].meta = dict(n.meta)
                     continue
-                env[n] = gm.graph.node_copy(n, lambda a: env[a])
+                env[n] = gm.graph.node_copy(n, env.__getitem__)
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem:
                 user.replace_all_uses_with(result[user.args[1]])

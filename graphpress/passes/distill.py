@@ -5,7 +5,7 @@ teacher is the program before any pass (the runner keeps a copy when a recipe ha
 and checkpoints: graphpress.distill. Text: the recipe's ``training`` section (graphpress.training_text), never
 the evaluation, held-out or calibration text.
 
-Which parameters train:
+Which parameters train (of those that require gradients: a parameter an earlier pass froze stays frozen):
     train          regexes: only parameters whose names (or the names they came from, graphpress.provenance)
                    match train; default every float parameter
     freeze         regexes: parameters, or rows of merged ones, whose (source) names match stay as they are
@@ -154,7 +154,8 @@ def _text_key(windows: torch.Tensor) -> str:
 def select(gm: fx.GraphModule, train_: tuple[str, ...], freeze: tuple[str, ...], freeze_roles: tuple[str, ...]
            ) -> tuple[list[nn.Parameter], dict[nn.Parameter, torch.Tensor], dict[str, str]]:
     """The parameters that train, row masks (1 trains, 0 stays) of those frozen in part, and what was frozen
-    (name -> "all" or the rows). Parameters that do not train get ``requires_grad=False``."""
+    (name -> "all", "by an earlier pass" or the rows). Parameters that do not train get ``requires_grad=False``;
+    one that already has it (an earlier pass froze it) stays frozen."""
     named = dict(gm.named_parameters())
     rows: dict[str, list[slice]] = {}  # parameter name -> frozen rows (slice(None): all)
     for name in named:
@@ -178,6 +179,10 @@ def select(gm: fx.GraphModule, train_: tuple[str, ...], freeze: tuple[str, ...],
     frozen: dict[str, str] = {}
     for name, p in named.items():
         cuts = rows.get(name, [])
+        if not p.requires_grad:  # an earlier pass froze it (lora's base, thaw_quantized's scales)
+            if p.is_floating_point():
+                frozen[name] = "by an earlier pass"
+            continue
         if not p.is_floating_point() or any(c == slice(None) for c in cuts):
             p.requires_grad_(False)
             if p.is_floating_point():

@@ -212,3 +212,14 @@ def test_kl_loss_is_zero_for_equal_logits_and_scales_with_temperature() -> None:
     b = torch.randn(2, 5, 11)
     manual = (torch.softmax(b, -1) * (torch.log_softmax(b, -1) - torch.log_softmax(a, -1))).sum(-1).mean()
     torch.testing.assert_close(kl_loss(a, b), manual)
+
+
+def test_a_parameter_an_earlier_pass_froze_stays_frozen() -> None:
+    """thaw_quantized(learn_scales=False) freezes the grid's scales: distill trains the weights only."""
+    program, _ = run_pipeline(capture_tiny("llama"), [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",)),
+                                                      P["thaw_quantized"](learn_scales=False)])
+    params, _, frozen = select(program.gm, (".*",), (), ())
+    names = {id(p): n for n, p in program.gm.named_parameters()}
+    assert not any(names[id(p)].endswith("fq_scales") for p in params)
+    assert frozen["model.layers.0.mlp.down_proj.fq_scales"] == "by an earlier pass"
+    assert any(names[id(p)].endswith("down_proj.weight") for p in params)

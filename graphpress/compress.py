@@ -352,6 +352,12 @@ def compress(
     timer = _Timer()
     with timer("load"):
         src = resolve_source(model)
+    if rec.needs_training() and src.model is not None:  # before hours of sampling and calibrating on a CPU
+        parameters = sum(p.numel() for p in src.model.parameters())
+        sampled = rec.training.get("generated", 0) * rec.training.get("length", ev.WINDOW)
+        for p in rec.passes:
+            if getattr(p, "needs_training", False):
+                p.refuse_on_cpu(parameters, sampled)
     with timer("calibration data"):
         cal = prepare_calibration(src, rec, given)
     cal_origin = cal.origin

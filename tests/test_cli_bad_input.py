@@ -108,6 +108,10 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "greedy.yaml": "passes:\n  - pass: gptq\n    bits: 4\ncalibration: {windows: 100000, length: 512}\n",
         "gptq.yaml": "passes:\n  - pass: gptq\n    bits: 4\ncalibration: {windows: 2, length: 32}\n",
         "smooth.yaml": "passes:\n  - pass: smoothquant\ncalibration: {sentences: 4}\n",
+        "train.yaml": "passes:\n  - pass: distill\n    tokens: 10000000000000\n    device: cpu\n"
+                      "training: {windows: 8, length: 32}\n",
+        "train_small.yaml": "passes:\n  - pass: distill\n    tokens: 64\n    device: cpu\ntraining: {windows: 8, length: 32}\n",
+        "untrained.yaml": "passes:\n  - pass: distill\n",
         "ids.txt": "1 2 3 4\n5 6 7 8\n",
         "ids_out_of_range.txt": "1 2 3\n\n4 320 5\n",  # the tiny models have 320 token ids
         "text.txt": "12 13\nSome calibration text.\n",
@@ -196,6 +200,14 @@ CASES: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
                                             "--calibration", "ids.txt"], "--calibration is for language models"),
     "calibration on a plain module": (["compress", "models.py:good", "--recipe", "gptq.yaml", "--out", "out"],
                                       "needs calibration data"),
+    "training for hours on a CPU": (["compress", "tiny-llama", "--recipe", "train.yaml", "--out", "out"],
+                                    ("distill: no GPU here, and 10,000,000,000,000 training tokens on a model of",
+                                     "run this recipe where a CUDA GPU is, or lower distill's tokens")),
+    "training without training text": (["compress", "tiny-llama", "--recipe", "untrained.yaml", "--out", "out"],
+                                       "untrained.yaml: a pass trains (distill), so the recipe needs a 'training' "
+                                       "section"),
+    "training an encoder": (["compress", "HFE", "--recipe", "train_small.yaml", "--out", "out"],
+                            "recipe train_small trains (distill), which needs a causal language model"),
     "missing onnx file": (["eval", "missing.onnx"], "does not exist"),
     "eval without a tokenizer": (["eval", "HF"], "has no tokenizer"),
 }

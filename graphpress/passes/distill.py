@@ -32,7 +32,7 @@ from torch import fx, nn
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.fake_quantize)
 from graphpress import cache, provenance
 from graphpress import calibration_text as ct
-from graphpress.distill import DistillError, TrainConfig, pick_device, train
+from graphpress.distill import DistillError, TrainConfig, estimate_seconds, pick_device, train
 from graphpress.graph import aliases, is_op
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult
 from graphpress.roles import ROLES, attention_rows, linear_roles
@@ -91,6 +91,18 @@ class Distill(Pass):
             pick_device(self.device)
         except RuntimeError as e:
             raise ValueError(f"distill: unknown device {self.device!r} (auto, cpu, cuda, cuda:1...)") from e
+
+    def refuse_on_cpu(self, parameters: int, sampled_tokens: int = 0) -> None:
+        """Before any work: refuse a training that would run on this CPU for longer than ``max_cpu_minutes``
+        (estimated from the model's size and this CPU's measured matmul rate), saying how long and what to do."""
+        if pick_device(self.device).type != "cpu":
+            return
+        minutes = estimate_seconds(parameters, self.tokens, sampled_tokens) / 60
+        if minutes > self.max_cpu_minutes:
+            raise PassError(
+                f"{self.name}: no GPU here, and {self.tokens:,} training tokens on a model of {parameters / 1e6:.0f}M "
+                f"parameters would take about {_duration(minutes)} on this CPU (max_cpu_minutes: "
+                f"{self.max_cpu_minutes:g}): run this recipe where a CUDA GPU is, or lower distill's tokens")
 
     def config(self) -> TrainConfig:
         names = {f.name for f in fields(TrainConfig)}

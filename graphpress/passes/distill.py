@@ -42,30 +42,15 @@ aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class Distill(Pass):
-    """Knowledge distillation from the uncompressed program (logit KL, optional CE and hidden-state MSE)."""
+class Distill(TrainConfig, Pass):
+    """Knowledge distillation from the uncompressed program (logit KL, optional CE and hidden-state MSE); the
+    training options are graphpress.distill.TrainConfig's."""
 
     name: ClassVar[str] = "distill"
     exact: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
     needs_training: ClassVar[bool] = True
 
-    tokens: int = 1_000_000
-    batch: int = 16
-    lr: float = 1e-4
-    warmup: float = 0.05
-    min_lr: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    temperature: float = 1.0
-    kl: float = 1.0
-    ce: float = 0.0
-    hidden: float = 0.0
-    held_out: int = 8
-    device: str = "auto"
-    autocast: bool = True
-    checkpoint_every: int = 200
-    seed: int = 0
     train: tuple[str, ...] = (".*",)
     freeze: tuple[str, ...] = ()
     freeze_roles: tuple[str, ...] = ()
@@ -105,8 +90,7 @@ class Distill(Pass):
                 f"{self.max_cpu_minutes:g}): run this recipe where a CUDA GPU is, or lower distill's tokens")
 
     def config(self) -> TrainConfig:
-        names = {f.name for f in fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.program.kind != "causal-lm":

@@ -105,12 +105,16 @@ class ThawQuantized(Pass):
         quantized_linear(x, codes, s, z, b, ...)  =>  linear(x, fake_quantize(W, s, z, bits, g), b),  W = (codes - z) * s
 
     Exact: W lies on its own grid, so the program computes what it computed; ``freeze_fake_quantize`` gives codes
-    again after training. Layers whose activations the model quantizes (W8A8) are left as they are (skipped).
+    again after training. Layers whose activations the model quantizes (W8A8), and with ``bits`` the weights of
+    other widths, are left as they are (skipped): an 8-bit grid's steps are 16x finer than a 4-bit one's, and
+    the same learning rate flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
     """
 
     name: ClassVar[str] = "thaw_quantized"
     exact: ClassVar[bool] = True
     learn_scales: bool = True
+    # only weights of these widths (None: all); the others stay quantized and do not train
+    bits: tuple[int, ...] | None = None
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         thawed, skipped = 0, {}
@@ -120,6 +124,9 @@ class ThawQuantized(Pass):
             x, qweight, scales, zeros, bias, k, bits, group, *rest = node.args
             if rest and rest[0]:
                 skipped[node.name] = f"its activations are quantized to {rest[0]} bits (W8A8): not thawed"
+                continue
+            if self.bits is not None and bits not in self.bits:
+                skipped[node.name] = f"{bits}-bit weights: bits asks for {list(self.bits)}"
                 continue
             q, s, z = (get_tensor(gm, t) if isinstance(t, fx.Node) else None for t in (qweight, scales, zeros))
             if q is None or s is None or (zeros is not None and z is None):

@@ -223,3 +223,12 @@ def test_a_parameter_an_earlier_pass_froze_stays_frozen() -> None:
     assert not any(names[id(p)].endswith("fq_scales") for p in params)
     assert frozen["model.layers.0.mlp.down_proj.fq_scales"] == "by an earlier pass"
     assert any(names[id(p)].endswith("down_proj.weight") for p in params)
+
+
+def test_thaw_only_the_widths_asked_for() -> None:
+    passes = [*_prep(), P["rtn"](bits=8, group_size=32, roles=("block",), targets=(r"\.0\.",)),
+              P["rtn"](bits=4, group_size=32, roles=("block",)), P["thaw_quantized"](bits=(4,))]
+    program, records = run_pipeline(capture_tiny("llama"), passes)
+    assert records[-1].stats["thawed"] == 7 and len(records[-1].stats["skipped"]) == 7
+    kept = [n for n in program.gm.graph.nodes if str(n.target) == QLINEAR]
+    assert len(kept) == 7 and all(n.args[6] == 8 for n in kept)

@@ -155,8 +155,44 @@ def infer_val(node: fx.Node, mode: object = None) -> object:
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
     with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["val"] = fake_call(node.target, args, kwargs)
     return node.meta["val"]
+
+
+def fake_call(target: object, args: tuple, kwargs: dict) -> object:
+    """``target(*args, **kwargs)`` on fake values, without guarding their symbolic sizes to the example's.
+
+    torch 2.11's aten.matmul of operands with more than two dims (and aten.linear without a bias, which calls
+    it) reads their sizes as ints: every symbolic size becomes its example value, the program's batch and
+    sequence turn static, and graphpress.channels, which takes symbolic sizes as 1, no longer follows the
+    channels (torch 2.13 keeps them symbolic). Those two are computed here with mm/bmm on flattened operands:
+    the same sizes and dtype, symbols kept."""
+    if target is aten.linear.default and len(args) >= 2 and isinstance(args[1], torch.Tensor) \
+            and args[1].dim() == 2:
+        y = _fake_matmul(args[0], aten.t.default(args[1]))
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if y is not None:
+            return y if bias is None else aten.add.Tensor(y, bias)
+    elif target is aten.matmul.default and not kwargs:
+        y = _fake_matmul(*args)
+        if y is not None:
+            return y
+    return target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _fake_matmul(a: object, b: object) -> torch.Tensor | None:
+    """``a @ b`` through mm/bmm for operands of two or more dims, one of them more (else None)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or min(a.dim(), b.dim()) < 2 \
+            or max(a.dim(), b.dim()) < 3:
+        return None
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.dim() == 2:  # [..., n, k] @ [k, m]
+        y = aten.mm.default(aten.reshape.default(a, [-1, k]), b)
+        return aten.view.default(y, [*a.shape[:-1], m])
+    batch = list(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    a3 = aten.reshape.default(aten.expand.default(a, [*batch, n, k]), [-1, n, k])
+    b3 = aten.reshape.default(aten.expand.default(b, [*batch, k, m]), [-1, k, m])
+    return aten.view.default(aten.bmm.default(a3, b3), [*batch, n, m])
 
 
 def free_target(gm: nn.Module, target: str) -> str:

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from graphpress import kv_cache, provenance
 from graphpress.errors import describe
+from graphpress.graph import fake_call
 from graphpress.memory import release_memory
 from graphpress.metrics import compare_outputs
 from graphpress.passes import sparsify
@@ -269,6 +270,9 @@ class _Propagate(FakeTensorProp):
         # a kept val is computed on further: it must be this mode's fake tensor
         return all(isinstance(v, FakeTensor) and v.fake_mode is self._mode
                    for v in pytree.tree_leaves(claimed) if isinstance(v, torch.Tensor))
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return fake_call(target, args, kwargs)  # symbolic sizes stay symbolic (torch 2.11's aten.linear)
 
     def fetch_attr(self, target: str) -> Any:
         from torch._subclasses.fake_tensor import FakeTensor

@@ -172,3 +172,31 @@ def test_grad_mode_and_autocast_regions_are_inlined() -> None:
     assert program.gm.lin.weight.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):  # export's dtype assertions would refuse bf16 here
         assert program.gm(x).shape == (2, 4)
+
+
+def test_batch_and_sequence_stay_symbolic_through_shape_propagation() -> None:
+    """The cache detach re-propagates every val; torch 2.11's fake aten.linear and matmul on 3-D operands
+    would guard batch and sequence to the example's (graphpress.graph.fake_call), and graphpress.channels
+    then no longer follows the channels (no attention found, a broken hidden-size cut)."""
+    program = capture_tiny("llama")
+    ids = next(iter(program.gm.graph.find_nodes(op="placeholder")))
+    linears = [n for n in program.gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    for val in [ids.meta["val"], *(n.meta["val"] for n in linears)]:
+        assert not any(str(d).isdigit() for d in val.shape[:2]), val.shape
+
+
+@pytest.mark.parametrize(("a", "b", "bias"), [((2, 5, 8), (3, 8), True), ((2, 5, 8), (3, 8), False),
+                                              ((4, 2, 5, 8), (4, 2, 8, 6), None), ((2, 5, 8), (8, 6), None),
+                                              ((1, 2, 5, 8), (3, 1, 8, 6), None)])
+def test_fake_call_computes_what_the_op_computes(a: tuple, b: tuple, bias: bool | None) -> None:
+    """graph.fake_call's mm/bmm route for linear and matmul gives the op's own values (on real tensors)."""
+    from graphpress.graph import fake_call
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(a, generator=g), torch.randn(b, generator=g)
+    if bias is None:
+        torch.testing.assert_close(fake_call(torch.ops.aten.matmul.default, (x, w), {}), x @ w)
+    else:
+        args = (x, w, torch.randn(b[0], generator=g)) if bias else (x, w)
+        torch.testing.assert_close(fake_call(torch.ops.aten.linear.default, args, {}),
+                                   torch.ops.aten.linear.default(*args))

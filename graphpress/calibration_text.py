@@ -133,22 +133,32 @@ def can_generate(model: nn.Module) -> bool:
 
 
 def generated_windows(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int = SEED,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, chunk: int = CHUNK, kind: str = "calibration",
+                      device: torch.device | str | None = None) -> torch.Tensor:
     """``n`` windows of ``length`` tokens sampled from ``model`` (temperature 1, no top-k or top-p), each
     starting with the BOS token (token 0 when the tokenizer has none): [n, length]. Sampled in chunks of
-    ``CHUNK`` windows, chunk ``c`` seeded with ``seed + c`` and kept in the cache: asking for more windows
-    later samples only the new chunks, and the first windows never depend on how many were asked for."""
+    ``chunk`` windows, chunk ``c`` seeded with ``seed + c`` and kept in the cache under ``kind``: asking for more
+    windows later samples only the new chunks, and the first windows never depend on how many were asked for.
+    ``device``: where to sample (the model is moved there and back; default: where it is)."""
     fingerprint = model_fingerprint(model)
+    home = next(model.parameters()).device
     chunks = []
-    for c in range((n + CHUNK - 1) // CHUNK):
-        def build(folder: Path, c: int = c) -> None:
-            _save(folder, _sample(model, tokenizer, CHUNK, length, seed + c, progress))
+    try:
+        for c in range((n + chunk - 1) // chunk):
+            def sample(c: int = c) -> torch.Tensor:
+                model.to(device or home)
+                return _sample(model, tokenizer, chunk, length, seed + c, progress)
 
-        folder = cache.cached("calibration", cache.key("generated", fingerprint, CHUNK, length, seed + c), build)
-        if folder is None:
-            chunks.append(_sample(model, tokenizer, CHUNK, length, seed + c, progress))
-        else:
-            chunks.append(torch.tensor(json.loads((folder / "windows.json").read_text()), dtype=torch.long))
+            def build(folder: Path, sample=sample) -> None:  # noqa: ANN001
+                _save(folder, sample())
+
+            folder = cache.cached(kind, cache.key("generated", fingerprint, chunk, length, seed + c), build)
+            if folder is None:
+                chunks.append(sample())
+            else:
+                chunks.append(torch.tensor(json.loads((folder / "windows.json").read_text()), dtype=torch.long))
+    finally:
+        model.to(home)
     return torch.cat(chunks)[:n]
 
 
@@ -160,15 +170,15 @@ def _sample(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int, pr
     bos = getattr(tokenizer, "bos_token_id", None)
     device = next(model.parameters()).device
     start = torch.full((n, 1), bos if isinstance(bos, int) else 0, dtype=torch.long, device=device)
-    log.info("sampling %d calibration windows of %d tokens from the model (seed %d; kept in %s)", n, length,
-             seed, cache.cache_dir())
+    log.info("sampling %d windows of %d tokens from the model (seed %d; kept in %s)", n, length, seed,
+             cache.cache_dir())
     bar = None
     processors = []
     if progress:
         from tqdm import tqdm
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        bar = tqdm(total=length - 1, desc="sampling calibration text", unit="token", disable=None, leave=False)
+        bar = tqdm(total=length - 1, desc="sampling text", unit="token", disable=None, leave=False)
 
         class _Tick(LogitsProcessor):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from graphpress import kv_cache
 from graphpress.errors import describe, one_line
+from graphpress.graph import free_target
 from graphpress.program import Program
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def inline_regions(gm: fx.GraphModule) -> int:
                     result = fx.node.map_arg(n.args[0], env.__getitem__)
                     break
                 if n.op == "get_attr":  # a constant of the region: moved onto the program
-                    target = _free_attr(gm, n.target)
+                    target = free_target(gm, n.target.replace(".", "_"))
                     setattr(gm, target, getattr(sub, n.target))
                     env[n] = gm.graph.get_attr(target)
                     env[n].meta = dict(n.meta)
@@ -183,14 +184,6 @@ def inline_regions(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return inlined
-
-
-def _free_attr(gm: fx.GraphModule, name: str) -> str:
-    candidate, i = name.replace(".", "_"), 0
-    while hasattr(gm, candidate):
-        i += 1
-        candidate = f"{name.replace('.', '_')}_{i}"
-    return candidate
 
 
 def _capture_with_cache(model: nn.Module, ids: torch.Tensor, dims: dict[int, str], name: str, kind: str

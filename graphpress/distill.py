@@ -114,13 +114,12 @@ def block_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return found
 
 
-def tapped(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A module sharing ``gm``'s parameters that returns ``(gm's output, block outputs of names...)``."""
-    taps = block_outputs(gm)
+def tapped(gm: fx.GraphModule, taps: list[fx.Node]) -> fx.GraphModule:
+    """A module sharing ``gm``'s parameters that returns ``(gm's output, *the values of taps)``."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
-    graph.output((out, *[env[taps[n]] for n in names]))
+    graph.output((out, *[env[t] for t in taps]))
     module = fx.GraphModule(gm, graph)
     module.meta = gm.meta
     return module
@@ -147,33 +146,35 @@ class TrainResult:
 
 def train(student: Program, teacher: Program, windows: torch.Tensor, config: TrainConfig,
           params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor] | None = None,
-          checkpoint: Path | None = None, progress: bool = False,
-          budget: Callable[[float, int], None] | None = None) -> TrainResult:
+          checkpoint: Path | None = None, progress: bool = False) -> TrainResult:
     """Train ``params`` of ``student`` against ``teacher`` on ``windows`` [n, length]; both programs are moved to
-    the training device and back. ``budget(seconds_per_step, steps)`` is called after the first step (to refuse
-    a run that would take too long on this machine). Returns what happened."""
+    the training device and back. Returns what happened."""
     if not params:
         raise DistillError("nothing to train: every parameter is frozen (check train/freeze/freeze_roles)")
     if len(windows) <= config.held_out:
         raise DistillError(f"{len(windows)} training windows, and {config.held_out} are held out to measure: "
                            "ask for more windows under training")
     device = pick_device(config.device)
-    length = windows.shape[1]
-    steps = config.steps(length)
+    steps = config.steps(windows.shape[1])
     train_ids, held = windows[: -config.held_out], windows[-config.held_out:]
-    names = _matched_blocks(student, teacher) if config.hidden else []
-    s_gm, t_gm = (tapped(p.gm, names) if names else p.gm for p in (student, teacher))
-    projections = _projections(s_gm, t_gm, names, student.example_inputs)
     home = student.example_inputs[0].device
-    student.to(device)
-    teacher.to(device)
-    projections.to(device)
-    hooks = [p.register_hook(_row_mask(m.to(device))) for p, m in (masks or {}).items()]
-    for p in params:
-        p.requires_grad_(True)
+    hooks = []
     try:
+        student.to(device)  # before tapping: the taps copy the graphs with their device arguments
+        teacher.to(device)
+        s_taps, t_taps = (block_outputs(p.gm) if config.hidden else {} for p in (student, teacher))
+        names = [n for n in s_taps if n in t_taps]
+        if config.hidden and not names:
+            raise DistillError("hidden: the student and the teacher share no repeated block (module names such "
+                               "as model.layers.3): set hidden: 0")
+        s_gm = tapped(student.gm, [s_taps[n] for n in names])
+        t_gm = tapped(teacher.gm, [t_taps[n] for n in names])
+        projections = _projections([s_taps[n] for n in names], [t_taps[n] for n in names]).to(device)
+        hooks = [p.register_hook(_row_mask(m.to(device))) for p, m in (masks or {}).items()]
+        for p in params:
+            p.requires_grad_(True)
         return _loop(student, s_gm, t_gm, train_ids, held, config, params + list(projections.parameters()),
-                     projections, names, steps, device, checkpoint, progress, budget)
+                     projections, len(names), steps, device, checkpoint, progress)
     finally:
         for h in hooks:
             h.remove()
@@ -184,8 +185,7 @@ def train(student: Program, teacher: Program, windows: torch.Tensor, config: Tra
 
 def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_ids: torch.Tensor,
           held: torch.Tensor, config: TrainConfig, params: list[nn.Parameter], projections: nn.ModuleList,
-          names: list[str], steps: int, device: torch.device, checkpoint: Path | None, progress: bool,
-          budget: Callable[[float, int], None] | None) -> TrainResult:
+          blocks: int, steps: int, device: torch.device, checkpoint: Path | None, progress: bool) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast and device.type == "cuda")
 
     def losses(ids: torch.Tensor) -> torch.Tensor:
@@ -194,15 +194,13 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
             t_out = t_gm(ids)
         with autocast:
             s_out = s_gm(ids)
-        t_logits, t_hidden = (t_out[0], t_out[1:]) if names else (t_out, ())
-        s_logits, s_hidden = (s_out[0], s_out[1:]) if names else (s_out, ())
-        t_logits, s_logits = _first(t_logits), _first(s_logits)
-        loss = config.kl * kl_loss(s_logits, t_logits, config.temperature)
+        s_logits = _first(s_out[0])
+        loss = config.kl * kl_loss(s_logits, _first(t_out[0]), config.temperature)
         if config.ce:
             loss = loss + config.ce * next_token_loss(s_logits, ids)
-        if names:
+        if blocks:
             hidden = [nn.functional.mse_loss(proj(s.float()), t.float()) / t.float().var().clamp_min(1e-6)
-                      for proj, s, t in zip(projections, s_hidden, t_hidden, strict=True)]
+                      for proj, s, t in zip(projections, s_out[1:], t_out[1:], strict=True)]
             loss = loss + config.hidden * torch.stack(hidden).mean()
         return loss
 
@@ -213,7 +211,7 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
             for chunk in held.split(config.batch):
                 ids = chunk.to(device)
                 with autocast:
-                    total += kl_loss(_first(_head(s_gm(ids), names)), _first(_head(t_gm(ids), names)),
+                    total += kl_loss(_first(s_gm(ids)[0]), _first(t_gm(ids)[0]),
                                      config.temperature).item() * len(chunk)
         return total / len(held)
 
@@ -230,7 +228,7 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     start_step, history = 0, []
     with torch.no_grad(), autocast:
-        vocab = [_first(_head(gm(held[:1].to(device)), names)).shape[-1] for gm in (t_gm, s_gm)]
+        vocab = [_first(gm(held[:1].to(device))[0]).shape[-1] for gm in (t_gm, s_gm)]
     if vocab[0] != vocab[1]:
         raise DistillError(f"the teacher's vocabulary has {vocab[0]} entries and the student's {vocab[1]}: "
                            "distill from a teacher with the student's tokenizer")
@@ -239,8 +237,9 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
     if state:
         for p, saved in zip(params, state["params"], strict=True):
             p.data.copy_(saved.to(p.device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state["optimizer"] is not None:  # a finished run keeps its weights only
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         start_step, history = state["step"], state["losses"]
         log.info("distill: resumed from step %d of %d (%s)", start_step, steps, checkpoint)
     order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
@@ -266,8 +265,6 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
         scheduler.step()
         history.append(loss.item())
         done = step + 1 - start_step
-        if step == start_step and budget is not None:
-            budget(time.perf_counter() - began, steps - start_step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}",
@@ -281,10 +278,10 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
     seconds = time.perf_counter() - began
     after = held_out_kl()
     if checkpoint is not None:
-        _save(checkpoint, config, steps, params, optimizer, scheduler, history, before)
+        _save(checkpoint, config, steps, params, None, None, history, before)
     return TrainResult(steps=steps, tokens=(steps - start_step) * tokens_a_step, seconds=seconds,
                        device=str(device), held_out_before=before, held_out_after=after, losses=history,
-                       resumed_from=start_step, hidden_blocks=len(names))
+                       resumed_from=start_step, hidden_blocks=blocks)
 
 
 def _row_mask(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -295,25 +292,12 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _head(out: Any, names: list[str]) -> Any:
-    return out[0] if names else out
-
-
-def _matched_blocks(student: Program, teacher: Program) -> list[str]:
-    names = [n for n in block_outputs(student.gm) if n in block_outputs(teacher.gm)]
-    if not names:
-        raise DistillError("hidden: the student and the teacher share no repeated block (module names such as "
-                           "model.layers.3): set hidden: 0")
-    return names
-
-
-def _projections(s_gm: fx.GraphModule, t_gm: fx.GraphModule, names: list[str],
-                 inputs: tuple[torch.Tensor, ...]) -> nn.ModuleList:
-    """Identity where the widths agree, a learned linear map (least-norm start) where they differ."""
+def _projections(students: list[fx.Node], teachers: list[fx.Node]) -> nn.ModuleList:
+    """Per matched block: identity where the widths agree, a learned linear map (identity start) where they
+    differ."""
     out = nn.ModuleList()
-    s_taps, t_taps = block_outputs(s_gm), block_outputs(t_gm)
-    for n in names:
-        ws, wt = s_taps[n].meta["val"].shape[-1], t_taps[n].meta["val"].shape[-1]
+    for s, t in zip(students, teachers, strict=True):
+        ws, wt = s.meta["val"].shape[-1], t.meta["val"].shape[-1]
         if ws == wt:
             out.append(nn.Identity())
         else:
@@ -332,7 +316,8 @@ def _save(path: Path, config: TrainConfig, step: int, params: list[nn.Parameter]
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
     torch.save({"config": _fingerprint(config), "step": step, "params": [p.detach().cpu() for p in params],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": losses,
+                "optimizer": optimizer and optimizer.state_dict(), "scheduler": scheduler and scheduler.state_dict(),
+                "losses": losses,
                 "held_out_before": before}, tmp)
     os.replace(tmp, path / "state.pt")  # a run killed while saving keeps the previous checkpoint
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
@@ -109,14 +110,15 @@ def new_get_attr(gm: fx.GraphModule, target: str, value: torch.Tensor, before: f
     return node
 
 
-def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
+def cleanup(gm: fx.GraphModule, drop: Iterable[str] = ()) -> fx.GraphModule:
     """Drop dead nodes and the parameters no get_attr reads any more; lint and recompile.
 
-    Buffers stay: a captured model may keep ones its graph never reads (rotary ``original_inv_freq``).
+    Buffers stay: a captured model may keep ones its graph never reads (rotary ``original_inv_freq``); those the
+    pass names in ``drop`` (codes, scales and zero points it replaced) go when nothing reads them any more.
     """
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)):
+    for name in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + list(drop):
         if name not in used:
             delete_tensor(gm, name)
     gm.graph.lint()

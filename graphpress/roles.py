@@ -17,6 +17,8 @@ module-name regexes.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -32,7 +34,7 @@ _MIXERS = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.d
 def linear_roles(gm: fx.GraphModule) -> dict[fx.Node, frozenset[str]]:
     """Every aten.linear node -> its roles."""
     reaches_output = _reaches_output(gm)
-    attention = {node: role for role, found in _attention_linears(gm).items() for node in found}
+    attention = {node: role for role, found in attention_rows(gm).items() for node in found}
     roles = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.linear.default:
@@ -59,12 +61,6 @@ def _reaches_output(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return result
 
 
-def attention_rows(gm: fx.GraphModule) -> dict[str, dict[fx.Node, slice]]:
-    """Role (``attention_value``, ``attention_output``) -> linear -> the rows of its weight that have the role:
-    all of them, or the value's share of a merged q/k/v projection (its ``split_with_sizes`` output)."""
-    return _attention_linears(gm)
-
-
 # ops a projection's output goes through on its way into or out of an attention: head split and merge,
 # repeat_kv, casts; anything else (another linear, a matmul, an add) ends the search
 _LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
@@ -73,7 +69,9 @@ _LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, a
            aten.flatten.using_ints, aten.unflatten.int}
 
 
-def _attention_linears(gm: fx.GraphModule) -> dict[str, dict[fx.Node, slice]]:
+def attention_rows(gm: fx.GraphModule) -> dict[str, dict[fx.Node, slice]]:
+    """Role (``attention_value``, ``attention_output``) -> linear -> the rows of its weight that have the role:
+    all of them, or the value's share of a merged or packed q/k/v projection (the cut of its output)."""
     found: dict[str, dict[fx.Node, slice]] = {"attention_value": {}, "attention_output": {}}
     for sdpa in gm.graph.find_nodes(op="call_function", target=SDPA):
         value = _producer(sdpa.args[2])
@@ -93,8 +91,6 @@ def _attention_linears(gm: fx.GraphModule) -> dict[str, dict[fx.Node, slice]]:
 def _producer(node: object) -> tuple[fx.Node, slice] | None:
     """The linear (and its rows) whose output ``node`` is, through layout ops and one cut of the linear's
     last dimension (``split_with_sizes``, ``split`` or ``slice``: a packed q/k/v projection's value share)."""
-    import operator
-
     while isinstance(node, fx.Node) and node.op == "call_function":
         if node.target is aten.linear.default:
             return node, slice(None)
@@ -104,7 +100,7 @@ def _producer(node: object) -> tuple[fx.Node, slice] | None:
         if node.target is aten.cat.default:  # the cache's concatenation: the past is an input, not a projection
             found = [f for f in map(_producer, node.args[0]) if f is not None]
             return found[0] if len(found) == 1 else None
-        if node.target not in _LAYOUT or node.target is operator.getitem:
+        if node.target not in _LAYOUT:
             return None
         node = node.args[0]
     return None
@@ -112,8 +108,6 @@ def _producer(node: object) -> tuple[fx.Node, slice] | None:
 
 def _rows_of_linear(node: fx.Node) -> tuple[fx.Node, slice] | None:
     """``node`` as rows [start, stop) of a linear's output features, when it cuts them directly."""
-    import operator
-
     if node.target is aten.slice.Tensor:
         source, dim, start, stop = (list(node.args) + [0, None, None])[:4]
         cut = (start or 0, stop)

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphpress import cache
 from graphpress import calibration_text as ct
 
 log = logging.getLogger(__name__)
@@ -77,31 +76,6 @@ def package_windows(tokenizer: Any, n: int, length: int, seed: int = SEED) -> to
     return torch.tensor(ids[: rows * length], dtype=torch.long).view(rows, length)
 
 
-def generated_windows(model: nn.Module, tokenizer: Any, n: int, length: int, device: torch.device | str = "cpu",
-                      seed: int = SEED, progress: bool = False) -> torch.Tensor:
-    """``n`` windows of ``length`` tokens sampled from ``model`` on ``device`` (moved there and back): [n, length].
-    Chunk ``c`` of ``CHUNK`` windows is seeded ``seed + c`` and kept in the cache, keyed by the model's weights."""
-    fingerprint = ct.model_fingerprint(model)
-    home = next(model.parameters()).device
-    chunks = []
-    try:
-        for c in range((n + CHUNK - 1) // CHUNK):
-            size = min(CHUNK, n - c * CHUNK)
-
-            def sample(c: int = c, size: int = size) -> torch.Tensor:
-                model.to(device)
-                return ct._sample(model, tokenizer, size, length, seed + c, progress)
-
-            def build(folder: Path, sample=sample) -> None:  # noqa: ANN001
-                torch.save(sample(), folder / "windows.pt")
-
-            folder = cache.cached("training", cache.key("generated", fingerprint, size, length, seed + c), build)
-            chunks.append(sample() if folder is None else torch.load(folder / "windows.pt"))
-    finally:
-        model.to(home)
-    return torch.cat(chunks)[:n]
-
-
 def training_windows(model: nn.Module, tokenizer: Any, windows: int, length: int, generated: int,
                      device: torch.device | str = "cpu", progress: bool = False
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -109,7 +83,8 @@ def training_windows(model: nn.Module, tokenizer: Any, windows: int, length: int
     interleaved; and where they came from (for the report)."""
     parts, origin = [], {}
     if generated:
-        parts.append(generated_windows(model, tokenizer, generated, length, device, progress=progress))
+        parts.append(ct.generated_windows(model, tokenizer, generated, length, SEED, progress, chunk=CHUNK,
+                                          kind="training", device=device))
         origin["generated"] = {"windows": generated, "tokens": generated * length, "seed": SEED,
                                "sampling": "temperature 1 from BOS"}
     if windows - generated:

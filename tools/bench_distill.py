@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import fx
@@ -41,12 +41,10 @@ class Probe(Pass):
     name: ClassVar[str] = "probe"
     exact: ClassVar[bool] = True
     label: str = ""
+    tokenizer: Any = None
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        return PassResult(gm, False, {self.label: measure(ctx.program, TOKENIZER[0])})
-
-
-TOKENIZER: list = []
+        return PassResult(gm, False, {self.label: measure(ctx.program, self.tokenizer)})
 
 
 def measure(program, tokenizer) -> dict[str, float]:  # noqa: ANN001
@@ -76,16 +74,15 @@ def main() -> None:
     args = ap.parse_args()
 
     rec = load_recipe(args.recipe)
+    timings = {}
+    t = time.perf_counter()
+    src = resolve_source(args.model)
     at = next(i for i, p in enumerate(rec.passes) if p.name == "distill")
     passes = list(rec.passes)
     if args.tokens:
         passes[at] = dataclasses.replace(passes[at], tokens=args.tokens)
-    passes = [Probe(label="fp32"), *passes[:at], Probe(label="before"), passes[at], Probe(label="after"),
-              *passes[at + 1:]]
-    timings = {}
-    t = time.perf_counter()
-    src = resolve_source(args.model)
-    TOKENIZER.append(src.tokenizer)
+    probe = [Probe(label=label, tokenizer=src.tokenizer) for label in ("fp32", "before", "after")]
+    passes = [probe[0], *passes[:at], probe[1], passes[at], probe[2], *passes[at + 1:]]
     cal = prepare_calibration(src, rec)
     timings["load and calibration"] = time.perf_counter() - t
     t = time.perf_counter()

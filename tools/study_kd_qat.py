@@ -23,7 +23,7 @@ from graphpress import training_text as tt
 from graphpress.capture import capture
 from graphpress.compress import prepare_calibration, resolve_source, sample_inputs
 from graphpress.distill import train
-from graphpress.passes.distill import Distill, select
+from graphpress.passes.distill import select
 from graphpress.program import Program
 from graphpress.recipes import load_recipe
 from graphpress.runner import run_pipeline
@@ -88,5 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = Distill
     main()

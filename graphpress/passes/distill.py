@@ -13,9 +13,9 @@ Which parameters train (of those that require gradients: a parameter an earlier 
                    ``attention_value`` freezes only the value rows of a merged q/k/v projection.
                    KD-QAT's ov-freeze is ``[attention_value, attention_output]``.
 
-Where it trains: ``device: auto`` takes the GPU when there is one. On a CPU the first step is timed and a run
-that would take longer than ``max_cpu_minutes`` is refused with the estimate (run it where a GPU is, or ask for
-fewer tokens). Checkpoints go to graphpress's cache, keyed by the student, the teacher, the text and the
+Where it trains: ``device: auto`` takes the GPU when there is one. On a CPU a run that would take longer than
+``max_cpu_minutes`` (estimated from the model's size and the CPU's measured matmul rate) is refused with the
+estimate before it starts (run it where a GPU is, or ask for fewer tokens); ``compress`` asks before any work. Checkpoints go to graphpress's cache, keyed by the student, the teacher, the text and the
 settings: the same compress run again resumes where the last one stopped (or skips a finished training).
 """
 
@@ -29,16 +29,15 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.fake_quantize)
 from graphpress import cache, provenance
 from graphpress import calibration_text as ct
 from graphpress.distill import DistillError, TrainConfig, estimate_seconds, pick_device, train
-from graphpress.graph import aliases, is_op
+from graphpress.graph import aliases
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult
+from graphpress.passes.fake_quant import linear_tensors
 from graphpress.roles import ROLES, attention_rows, linear_roles
 
 log = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Distill(TrainConfig, Pass):
         minutes = estimate_seconds(parameters, self.tokens, sampled_tokens) / 60
         if minutes > self.max_cpu_minutes:
             raise PassError(
-                f"{self.name}: no GPU here, and {self.tokens:,} training tokens on a model of {parameters / 1e6:.0f}M "
+                f"{self.name}: no GPU here, and {self.tokens:,} training tokens on a model of {parameters / 1e6:.3g}M "
                 f"parameters would take about {_duration(minutes)} on this CPU (max_cpu_minutes: "
                 f"{self.max_cpu_minutes:g}): run this recipe where a CUDA GPU is, or lower distill's tokens")
 
@@ -108,29 +107,17 @@ class Distill(TrainConfig, Pass):
         device = pick_device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PassError(f"{self.name}: device {self.device} asked for, but no CUDA GPU is here")
+        self.refuse_on_cpu(sum(p.numel() for p in gm.parameters()))
         windows = ctx.training
-        steps = config.steps(windows.shape[1])
-
-        def budget(seconds: float, steps_left: int) -> None:
-            estimate = seconds * steps_left / 60
-            if device.type == "cpu" and estimate >= 1:
-                log.warning("distill: no GPU here: training on the CPU, about %.0f minutes for %d steps",
-                            estimate, steps_left)
-            if device.type == "cpu" and estimate > self.max_cpu_minutes:
-                raise DistillError(
-                    f"no GPU here, and {config.tokens:,} training tokens would take about {_duration(estimate)} "
-                    f"on this CPU ({seconds:.1f} s a step, {steps_left} steps; max_cpu_minutes: "
-                    f"{self.max_cpu_minutes:g}): run this recipe where a CUDA GPU is, or lower distill's tokens")
-
         key = cache.key("distill", ct.model_fingerprint(gm), ct.model_fingerprint(ctx.teacher.gm),
                         _text_key(windows), sorted(asdict(self).items()), cache.code_version())
         checkpoint = cache.cache_dir() / "training" / f"run-{key}"
         try:
             result = train(ctx.program, ctx.teacher, windows, config, params, masks, checkpoint=checkpoint,
-                           progress=ctx.progress, budget=budget)
+                           progress=ctx.progress)
         except DistillError as e:
             raise PassError(f"{self.name}: {e}") from None
-        stats = {**result.to_json(), "planned_steps": steps, "trainable_parameters": sum(p.numel() for p in params),
+        stats = {**result.to_json(), "trainable_parameters": sum(p.numel() for p in params),
                  "frozen": frozen, "checkpoint": str(checkpoint)}
         log.info("distill: %d steps on %s, %.0f s; held-out KL %.4f -> %.4f", result.steps, result.device,
                  result.seconds, result.held_out_before, result.held_out_after)
@@ -167,7 +154,7 @@ def select(gm: fx.GraphModule, train_: tuple[str, ...], freeze: tuple[str, ...],
                     rows.setdefault(name, []).append(slice(None) if s.whole or s.dim != 0 else slice(s.start, s.stop))
     canonical = {alias: name for name in named for alias in aliases(gm).get(name, [name])}
     for node, part in _role_rows(gm, freeze_roles):
-        for target in _linear_tensors(node):
+        for target in linear_tensors(node):
             if target in canonical:
                 rows.setdefault(canonical[target], []).append(part)
     params: list[nn.Parameter] = []
@@ -203,18 +190,4 @@ def _role_rows(gm: fx.GraphModule, roles: tuple[str, ...]) -> list[tuple[fx.Node
     for node, found in linear_roles(gm).items():
         for role in set(roles) & found:
             out.append((node, attention[role].get(node, slice(None)) if role in attention else slice(None)))
-    return out
-
-
-def _linear_tensors(node: fx.Node) -> list[str]:
-    """The parameter names a linear reads: weight (through a fake quantization: and its scales), bias."""
-    out = []
-    weight = node.args[1]
-    if isinstance(weight, fx.Node) and is_op(weight, torch.ops.graphpress.fake_quantize.default):
-        out += [a.target for a in weight.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"]
-    elif isinstance(weight, fx.Node) and weight.op == "get_attr":
-        out.append(weight.target)
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if isinstance(bias, fx.Node) and bias.op == "get_attr":
-        out.append(bias.target)
     return out

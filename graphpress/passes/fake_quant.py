@@ -21,7 +21,7 @@ from torch import fx
 
 import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress.fake_quantize)
 from graphpress import provenance
-from graphpress.graph import cleanup, delete_tensor, free_target, get_tensor, is_op, module_name, new_get_attr
+from graphpress.graph import cleanup, free_target, get_tensor, is_op, module_name, new_get_attr
 from graphpress.kernels.quantized import dequantize, grid, unpack_codes
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult
 from graphpress.passes.weight_only import WeightOnlyConfig, replace_linear, selected_linears
@@ -31,6 +31,14 @@ from graphpress.quant.rtn import quantize_rtn
 aten = torch.ops.aten
 FAKE = torch.ops.graphpress.fake_quantize.default
 QLINEAR = torch.ops.graphpress.quantized_linear.default
+
+
+def linear_tensors(node: fx.Node) -> list[str]:
+    """The stored tensors a linear reads: its weight (or, through a fake quantization, the weight and its grid)
+    and bias, or a quantized linear's codes, scales, zero points and bias."""
+    direct = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    fake = [a for w in node.all_input_nodes if is_op(w, FAKE) for a in w.all_input_nodes if a.op == "get_attr"]
+    return [a.target for a in direct + fake]
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class FreezeFakeQuantize(Pass):
     exact: ClassVar[bool] = True  # the frozen program computes what the fake-quantized one computed
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        frozen = 0
+        frozen, replaced = 0, []
         for node in list(gm.graph.nodes):
             if not (is_op(node, aten.linear.default) and isinstance(node.args[1], fx.Node)
                     and is_op(node.args[1], FAKE)):
@@ -87,13 +95,9 @@ class FreezeFakeQuantize(Pass):
             q = QuantizedWeight.from_codes(codes.reshape(w.shape[0], -1), s.float(), z.to(torch.uint8), spec, k)
             node.args = (node.args[0], weight, *node.args[2:])
             replace_linear(gm, node, q)
-            gm.graph.erase_node(fq)
-            if not zeros.users:  # the grid's zero points are a buffer: cleanup() keeps buffers
-                gm.graph.erase_node(zeros)
-                if not gm.graph.find_nodes(op="get_attr", target=zeros.target):
-                    delete_tensor(gm, zeros.target)
+            replaced.append(zeros.target)  # the grid's zero points are a buffer
             frozen += 1
-        cleanup(gm)
+        cleanup(gm, drop=replaced)
         return PassResult(gm, frozen > 0, {"frozen": frozen})
 
 
@@ -117,7 +121,7 @@ class ThawQuantized(Pass):
     bits: tuple[int, ...] | None = None
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        thawed, skipped = 0, {}
+        thawed, skipped, replaced = 0, {}, []
         for node in list(gm.graph.nodes):
             if not is_op(node, QLINEAR):
                 continue
@@ -154,12 +158,7 @@ class ThawQuantized(Pass):
             linear.meta = {k_: v for k_, v in node.meta.items() if k_ in ("val", "nn_module_stack", "stack_trace")}
             node.replace_all_uses_with(linear)
             gm.graph.erase_node(node)
-            for t in (qweight, scales, zeros):
-                if isinstance(t, fx.Node) and not t.users:
-                    target = t.target
-                    gm.graph.erase_node(t)
-                    if not gm.graph.find_nodes(op="get_attr", target=target):
-                        delete_tensor(gm, target)
+            replaced += [t.target for t in (qweight, scales, zeros) if isinstance(t, fx.Node)]
             thawed += 1
-        cleanup(gm)
+        cleanup(gm, drop=replaced)
         return PassResult(gm, thawed > 0, {"thawed": thawed, "skipped": skipped})

@@ -24,7 +24,6 @@ import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress
 from graphpress.calibration import block_name
 from graphpress.graph import (
     cleanup,
-    delete_tensor,
     free_target,
     get_tensor,
     infer_val,
@@ -33,11 +32,10 @@ from graphpress.graph import (
     new_get_attr,
 )
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
+from graphpress.passes.fake_quant import FAKE, QLINEAR, linear_tensors
 from graphpress.roles import linear_roles
 
 aten = torch.ops.aten
-QLINEAR = torch.ops.graphpress.quantized_linear.default
-FAKE = torch.ops.graphpress.fake_quantize.default
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ class LoRA(Selection, Pass):
                 continue
             _add_adapter(gm, node, module, n, k, self.rank, self.alpha / self.rank, generator)
             if self.freeze_base:
-                for t in _base_tensors(node):
+                for t in linear_tensors(node):
                     p = dict(gm.named_parameters()).get(t)
                     if p is not None:
                         p.requires_grad_(False)
@@ -97,11 +95,6 @@ def _base_weight(node: fx.Node) -> fx.Node | None:
     if is_op(node, QLINEAR):
         return node.args[1] if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
     return None
-
-
-def _base_tensors(node: fx.Node) -> list[str]:
-    return [a.target for a in node.all_input_nodes if a.op == "get_attr"] + [
-        a.target for w in node.all_input_nodes if is_op(w, FAKE) for a in w.all_input_nodes if a.op == "get_attr"]
 
 
 def _add_adapter(gm: fx.GraphModule, node: fx.Node, module: str, n: int, k: int, rank: int, scale: float,
@@ -161,11 +154,8 @@ class MergeLoRA(Pass):
                 delta = scale * (get_tensor(gm, b).double() @ get_tensor(gm, a).double())
                 weight.copy_((weight.double() + delta).to(weight.dtype))
             total.replace_all_uses_with(base)
-            for node in (total, *branch):
+            for node in (total, *branch):  # A and B go with them (cleanup)
                 gm.graph.erase_node(node)
-            for t in (a, b):
-                gm.graph.erase_node(t)
-                delete_tensor(gm, t.target)
             merged += 1
         cleanup(gm)
         return PassResult(gm, merged > 0, {"merged": merged, "skipped": kept})

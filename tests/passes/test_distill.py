@@ -184,7 +184,7 @@ def test_refusals_say_what_to_do() -> None:
                      training=_windows())
     with pytest.raises(PipelineError, match="no training text"):
         run_pipeline(llama, [Distill(tokens=64)])
-    with pytest.raises(PipelineError, match=r"no GPU here, and 10,000,000 training tokens would take about .* "
+    with pytest.raises(PipelineError, match=r"no GPU here, and 10,000,000 training tokens on a model of .* would take about .* "
                                             r"run this recipe where a CUDA GPU is"):
         run_pipeline(llama, [Distill(tokens=10_000_000, batch=2, held_out=2, max_cpu_minutes=0.001, device="cpu")],
                      training=_windows())

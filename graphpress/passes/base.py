@@ -72,19 +72,7 @@ class Selection:
     ignore_roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from graphpress.roles import ROLES
-
-        for key in ("targets", "ignore", "roles", "ignore_roles"):  # one string is one item, not its characters
-            if isinstance(getattr(self, key), str):
-                object.__setattr__(self, key, (getattr(self, key),))
-        for role in (*self.roles, *self.ignore_roles):
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
-        for pattern in (*self.targets, *self.ignore):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"invalid module-name regex {pattern!r}: {e}") from e
+        check_selection(self, regexes=("targets", "ignore"), roles=("roles", "ignore_roles"))
 
     def selects(self, module_name: str, roles: frozenset[str] | None = None) -> bool:
         """Whether the layer ``module_name`` with ``roles`` is selected (roles None: only the regexes count)."""
@@ -93,6 +81,24 @@ class Selection:
         return any(re.search(p, module_name) for p in self.targets) and not any(
             re.search(p, module_name) for p in self.ignore
         )
+
+
+def check_selection(config: object, regexes: tuple[str, ...], roles: tuple[str, ...], who: str = "") -> None:
+    """Validate a frozen config's selection fields in place: a single string becomes a one-item tuple (not its
+    characters); every regex compiles; every role is known. ``who`` prefixes the messages."""
+    from graphpress.roles import ROLES
+
+    for key in (*regexes, *roles):
+        if isinstance(getattr(config, key), str):
+            object.__setattr__(config, key, (getattr(config, key),))
+    for role in (r for key in roles for r in getattr(config, key)):
+        if role not in ROLES:
+            raise ValueError(f"{who}unknown role {role!r} (roles: {', '.join(ROLES)})")
+    for pattern in (r for key in regexes for r in getattr(config, key)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{who}invalid module-name regex {pattern!r}: {e}") from e
 
 
 def check_amount(name: str, ratio: float | None, key: str, count: object, unit: str, ratio_meaning: str) -> None:

@@ -33,9 +33,9 @@ from graphpress import cache, provenance
 from graphpress import calibration_text as ct
 from graphpress.distill import DistillError, TrainConfig, estimate_seconds, pick_device, train
 from graphpress.graph import aliases
-from graphpress.passes.base import Pass, PassContext, PassError, PassResult
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, check_selection
 from graphpress.passes.fake_quant import linear_tensors
-from graphpress.roles import ROLES, attention_rows, linear_roles
+from graphpress.roles import attention_rows, linear_roles
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,7 @@ class Distill(TrainConfig, Pass):
     max_cpu_minutes: float = 30.0
 
     def __post_init__(self) -> None:
-        for key in ("train", "freeze", "freeze_roles"):
-            if isinstance(getattr(self, key), str):
-                object.__setattr__(self, key, (getattr(self, key),))
-        for role in self.freeze_roles:
-            if role not in ROLES:
-                raise ValueError(f"distill: unknown role {role!r} under freeze_roles (roles: {', '.join(ROLES)})")
-        for pattern in (*self.train, *self.freeze):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"distill: invalid regex {pattern!r}: {e}") from e
+        check_selection(self, regexes=("train", "freeze"), roles=("freeze_roles",), who="distill: ")
         if self.tokens < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError("distill: tokens, batch and lr must be positive")
         if min(self.kl, self.ce, self.hidden) < 0 or not (self.kl or self.ce or self.hidden):

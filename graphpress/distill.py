@@ -44,6 +44,9 @@ class TrainConfig:
     tokens: int = 1_000_000  # training tokens (steps = tokens / (batch * window length))
     batch: int = 16  # windows a step
     lr: float = 1e-4
+    # a fake-quantized weight's peak learning rate in units of its grid step (the median of its scales), so
+    # that every layer's codes move alike whatever its scales; 0: lr, as for every other parameter
+    grid_lr: float = 0.0
     warmup: float = 0.05  # share of the steps
     min_lr: float = 0.1  # the cosine ends at this share of lr
     weight_decay: float = 0.0
@@ -146,9 +149,11 @@ class TrainResult:
 
 def train(student: Program, teacher: Program, windows: torch.Tensor, config: TrainConfig,
           params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor] | None = None,
-          checkpoint: Path | None = None, progress: bool = False) -> TrainResult:
+          checkpoint: Path | None = None, progress: bool = False,
+          rates: dict[nn.Parameter, float] | None = None) -> TrainResult:
     """Train ``params`` of ``student`` against ``teacher`` on ``windows`` [n, length]; both programs are moved to
-    the training device and back. Returns what happened."""
+    the training device and back. ``rates``: a peak learning rate for a parameter other than ``config.lr``.
+    Returns what happened."""
     if not params:
         raise DistillError("nothing to train: every parameter is frozen (check train/freeze/freeze_roles)")
     if len(windows) <= config.held_out:
@@ -174,7 +179,7 @@ def train(student: Program, teacher: Program, windows: torch.Tensor, config: Tra
         for p in params:
             p.requires_grad_(True)
         return _loop(student, s_gm, t_gm, train_ids, held, config, params + list(projections.parameters()),
-                     projections, len(names), steps, device, checkpoint, progress)
+                     projections, len(names), steps, device, checkpoint, progress, rates or {})
     finally:
         for h in hooks:
             h.remove()
@@ -185,7 +190,8 @@ def train(student: Program, teacher: Program, windows: torch.Tensor, config: Tra
 
 def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_ids: torch.Tensor,
           held: torch.Tensor, config: TrainConfig, params: list[nn.Parameter], projections: nn.ModuleList,
-          blocks: int, steps: int, device: torch.device, checkpoint: Path | None, progress: bool) -> TrainResult:
+          blocks: int, steps: int, device: torch.device, checkpoint: Path | None, progress: bool,
+          rates: dict[nn.Parameter, float]) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast and device.type == "cuda")
 
     def losses(ids: torch.Tensor) -> torch.Tensor:
@@ -215,8 +221,11 @@ def _loop(student: Program, s_gm: fx.GraphModule, t_gm: fx.GraphModule, train_id
                                      config.temperature).item() * len(chunk)
         return total / len(held)
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(rates.get(p, config.lr), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=config.lr,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
     warm = max(1, int(config.warmup * steps))
 
     def factor(step: int) -> float:

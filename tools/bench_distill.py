@@ -1,9 +1,19 @@
 """Recovery training, measured: a training recipe (prune-20-kd, w4-kd-qat...) run as ``graphpress compress`` runs
 it, with the program's perplexity on the protocol's text and on the held-out news text measured (torch, on the
-GPU when there is one) before any pass, just before ``distill`` and just after it; then the ONNX export, written
-with the tokenizer so that ``graphpress eval DIR [--text heldout]`` scores the artifact in onnxruntime.
+GPU when there is one) before any pass, just before ``distill``, just after it and after the last pass; then the
+ONNX export, written with the tokenizer so that ``graphpress eval DIR [--text heldout]`` scores the artifact in
+onnxruntime. Each ``--also KEY=VALUE[,KEY=VALUE]`` exports the same program once more with those target options
+(``--also kernel=nbits`` into DIR+kernel=nbits), to tell what training won from what a kernel's arithmetic loses.
 
-    PYTHONPATH=. python tools/bench_distill.py --recipe prune-20-kd --out DIR [--tokens N] [--json F]
+    PYTHONPATH=. python tools/bench_distill.py --recipe prune-20-kd --out DIR [--tokens N] [--json F] [--also K=V]
+
+A study instead (``--config``, repeated): the passes before ``distill`` run once, then each config (distill's
+options, ``lr=3e-4,hidden=1.0``; lists joined by +, ``freeze_roles=head+attention_output``) trains its own copy
+of that program; each reports the KL on the training windows held out of training (what to choose by) and the
+torch perplexities after (reported, never chosen by). Nothing is exported.
+
+    PYTHONPATH=. python tools/bench_distill.py --recipe w4-kd-qat --out DIR --tokens 2000000 --config lr=2e-5 \
+        --config grid_lr=1e-3 --json F
 
 The share of the gap to the uncompressed model that training recovers, on each text, is
 (before - after) / (before - fp32); the issue asks that the held-out share be at least 0.7x the protocol's.
@@ -20,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from torch import fx
 
 from graphpress import evaluation as ev
@@ -64,6 +75,34 @@ def measure(program, tokenizer) -> dict[str, float]:  # noqa: ANN001
         program.to(home)
 
 
+def parse_options(text: str) -> dict[str, Any]:
+    """``kernel=nbits,accuracy_level=0`` -> {"kernel": "nbits", "accuracy_level": 0} (values read as YAML)."""
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+
+
+def study(program, teacher, distill: Pass, configs: list[str], training: torch.Tensor, tokenizer: Any  # noqa: ANN001
+          ) -> list[dict[str, Any]]:
+    """Each config trains a copy of ``program`` (the one just before distill) against ``teacher``."""
+    rows = []
+    for config in configs:
+        options = {k: tuple(v.split("+")) if k in ("train", "freeze", "freeze_roles") else v
+                   for k, v in parse_options(config).items()}
+        student = program.clone()
+        ctx = PassContext(program=student, teacher=teacher, training=training, progress=True)
+        t = time.perf_counter()
+        stats = dataclasses.replace(distill, **options)(student.gm, ctx).stats
+        seconds = time.perf_counter() - t
+        print(f"{config}: held-out KL {stats['held_out_before']:.4f} -> {stats['held_out_after']:.4f}", flush=True)
+        rows.append({"config": config, "seconds": round(seconds, 1), "perplexity_torch": measure(student, tokenizer),
+                     **{k: v for k, v in stats.items() if k != "frozen"}})
+    return rows
+
+
+def passes_distill(rec, tokens: int | None) -> Pass:  # noqa: ANN001
+    distill = next(p for p in rec.passes if p.name == "distill")
+    return dataclasses.replace(distill, tokens=tokens) if tokens else distill
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="prune-20-kd")
@@ -71,6 +110,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=None, help="distill's training tokens (default: the recipe's)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--also", action="append", default=[], help="more target options to export with: key=value,...")
+    ap.add_argument("--config", action="append", default=[], help="a study: distill options to compare, key=value,...")
     args = ap.parse_args()
 
     rec = load_recipe(args.recipe)
@@ -79,10 +120,11 @@ def main() -> None:
     src = resolve_source(args.model)
     at = next(i for i, p in enumerate(rec.passes) if p.name == "distill")
     passes = list(rec.passes)
-    if args.tokens:
-        passes[at] = dataclasses.replace(passes[at], tokens=args.tokens)
-    probe = [Probe(label=label, tokenizer=src.tokenizer) for label in ("fp32", "before", "after")]
-    passes = [probe[0], *passes[:at], probe[1], passes[at], probe[2], *passes[at + 1:]]
+    passes[at] = passes_distill(rec, args.tokens)
+    probe = [Probe(label=label, tokenizer=src.tokenizer) for label in ("fp32", "before", "after", "final")]
+    passes = [probe[0], *passes[:at], probe[1], passes[at], probe[2], *passes[at + 1:], probe[3]]
+    if args.config:
+        passes = passes[:at + 2]  # up to the "before" probe
     cal = prepare_calibration(src, rec)
     timings["load and calibration"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -91,17 +133,34 @@ def main() -> None:
     print(f"training text: {json.dumps(origin)}", flush=True)
     program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
     src.model = None
+    teacher = program.clone() if args.config else None
     t = time.perf_counter()
     program, records = run_pipeline(program, passes, calibration=cal.batches, training=training, in_place=True,
                                     progress=True)
     timings["passes"] = time.perf_counter() - t
+    if args.config:
+        teacher.gm.requires_grad_(False)
+        probes = {k: v for r in records if r.name == "probe" for k, v in r.stats.items()}
+        result = {"recipe": args.recipe, "training_text": origin, "perplexity_torch": probes,
+                  "study": study(program, teacher, passes_distill(rec, args.tokens), args.config, training,
+                                 src.tokenizer),
+                  "seconds": {k: round(v, 1) for k, v in timings.items()}}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1, default=str))
+        return
     probes = {k: v for r in records if r.name == "probe" for k, v in r.stats.items()}
     distill = next(r for r in records if r.name == "distill")
     t = time.perf_counter()
     options = rec.target.get("onnxruntime", {})
-    exported = export_onnx(program, args.out / "model.onnx", rules=target_rules("onnxruntime", options),
-                           metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
-    src.tokenizer.save_pretrained(args.out)
+    exports = {"": options} | {also: {**options, **parse_options(also)}
+                               for also in args.also}
+    sizes = {}
+    for label, opts in exports.items():
+        out = args.out.with_name(f"{args.out.name}+{label}") if label else args.out
+        exported = export_onnx(program, out / "model.onnx", rules=target_rules("onnxruntime", opts),
+                               metadata={"source": src.source, "recipe": rec.name, "context": src.context or ""})
+        src.tokenizer.save_pretrained(out)
+        sizes[label or "recipe"] = {"options": opts, "bytes": exported.bytes, "check": exported.check}
     timings["export"] = time.perf_counter() - t
     shares = {text: (probes["before"][text] - probes["after"][text]) / (probes["before"][text] - probes["fp32"][text])
               for text in TEXTS}
@@ -109,11 +168,10 @@ def main() -> None:
               "torch": torch.__version__, "training_text": origin, "perplexity_torch": probes,
               "recovered_share": shares, "heldout_over_protocol": shares["heldout"] / shares["protocol"],
               "distill": {k: v for k, v in distill.stats.items() if k != "frozen"},
-              "frozen": len(distill.stats.get("frozen", {})), "onnx_bytes": exported.bytes,
-              "onnx_check": exported.check, "seconds": {k: round(v, 1) for k, v in timings.items()},
+              "frozen": len(distill.stats.get("frozen", {})), "onnx": sizes, "seconds": {k: round(v, 1) for k, v in timings.items()},
               "passes": [(r.name, round(r.seconds, 1)) for r in records]}
     print(json.dumps({k: result[k] for k in ("perplexity_torch", "recovered_share", "heldout_over_protocol",
-                                             "onnx_bytes", "seconds")}, indent=1), flush=True)
+                                             "onnx", "seconds")}, indent=1), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
 

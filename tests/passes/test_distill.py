@@ -232,3 +232,27 @@ def test_thaw_only_the_widths_asked_for() -> None:
     assert records[-1].stats["thawed"] == 7 and len(records[-1].stats["skipped"]) == 7
     kept = [n for n in program.gm.graph.nodes if str(n.target) == QLINEAR]
     assert len(kept) == 7 and all(n.args[6] == 8 for n in kept)
+
+
+def test_grid_lr_moves_each_fake_quantized_weight_by_its_share_of_a_code() -> None:
+    """grid_lr: a fake-quantized weight's learning rate is grid_lr times the median of its scales (AdamW's first
+    step moves each element by its learning rate, less what Adam's epsilon takes off a small gradient); the other parameters keep lr."""
+    from graphpress.passes.distill import grid_rates
+
+    passes = [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",)), P["thaw_quantized"](learn_scales=False)]
+    student, _ = run_pipeline(_peaked_llama(), passes)
+    teacher = _peaked_llama()
+    params, _, _ = select(student.gm, (".*",), (), ())
+    named = dict(student.gm.named_parameters())
+    rates = grid_rates(student.gm, params, 0.01)
+    down = named["model.layers.0.mlp.down_proj.weight"]
+    assert len(rates) == 14 and rates[down] == pytest.approx(0.01 * named[
+        "model.layers.0.mlp.down_proj.fq_scales"].abs().median().item())
+    assert grid_rates(student.gm, params, 0.0) == {}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    config = TrainConfig(tokens=4 * 16, batch=4, lr=1e-3, grid_lr=0.01, held_out=4, warmup=0.0)
+    train(student, teacher, _windows(8), config, params, rates=rates)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in named.items()}
+    assert moved["model.layers.0.mlp.down_proj.weight"] == pytest.approx(rates[down], rel=1e-2)
+    assert moved["model.norm.weight"] == pytest.approx(1e-3, rel=1e-2)
+    assert moved["model.layers.0.mlp.down_proj.fq_scales"] == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from graphpress.passes import PASSES
 from graphpress.recipes import RecipeError, load_recipe, named_recipes, recipe_from_dict
@@ -39,6 +40,8 @@ def test_bad_recipes_are_refused(data: object, match: str) -> None:
         ({"passes": [{"pass": "rtn", "bits": "4"}]}, "option 'bits' must be an integer, not '4'"),
         ({"passes": [{"pass": "rtn", "symmetric": "yes"}]}, "option 'symmetric' must be true or false"),
         ({"passes": [{"pass": "rtn", "group_size": 1.5}]}, "must be an integer or null"),
+        ({"passes": [{"pass": "rtn", "group_size": "1.5e0"}]}, "must be an integer or null"),
+        ({"passes": [{"pass": "prune_mlp", "ratio": "5e"}]}, "option 'ratio' must be a number or null, not '5e'"),
         ({"passes": [{"pass": "rtn", "targets": [3]}]}, "must be a string, not 3"),
         ({"passes": [], "calibration": {"window": 4}}, "unknown key 'window' under 'calibration'"),
         ({"passes": [], "calibration": {"windows": "4"}}, "calibration 'windows' must be a positive integer"),
@@ -72,3 +75,11 @@ def test_a_single_regex_string_is_one_pattern() -> None:
     recipe = recipe_from_dict({"passes": [{"pass": "rtn", "targets": "fc2", "ignore": "lm_head"}]})
     assert recipe.passes[0].targets == ("fc2",) and recipe.passes[0].ignore == ("lm_head",)
     assert PASSES["rtn"](targets="fc2").targets == ("fc2",)  # the Python API too
+
+
+def test_numbers_in_exponent_form_are_numbers() -> None:
+    """YAML 1.1 reads 3e-4 (no dot) as a string; an option that takes a number takes it as one."""
+    data = yaml.safe_load("passes: [{pass: distill, lr: 3e-4, tokens: 6e6}]\ntraining: {windows: 64}")
+    assert data["passes"][0]["lr"] == "3e-4"
+    distill = recipe_from_dict(data).passes[0]
+    assert distill.lr == 3e-4 and distill.tokens == 6_000_000 and isinstance(distill.tokens, int)

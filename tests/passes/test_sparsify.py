@@ -9,6 +9,7 @@ import torch
 
 from graphpress import graph
 from graphpress.kernels.quantized import dequantize
+from graphpress.kernels.sparse24 import is_2_4
 from graphpress.metrics import sqnr
 from graphpress.passes.gptq import GPTQ
 from graphpress.passes.merge_siblings import MergeSiblingLinears
@@ -30,10 +31,6 @@ def _block_weights(program) -> dict[str, torch.Tensor]:  # noqa: ANN001
             if n.target is aten.linear.default and ".layers." in n.args[1].target}
 
 
-def _is_2_4(w: torch.Tensor) -> bool:
-    return bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all())
-
-
 def test_sparsegpt_beats_wanda_beats_magnitude_and_keeps_the_pattern() -> None:
     program = capture_tiny("llama")
     calib = _calibration()
@@ -45,7 +42,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_and_keeps_the_pattern() -> None:
         stats = records[0].stats
         assert stats["sparsified"] == 14 and stats["zeros"] >= 0.5 and stats["pattern"] == "2:4"
         weights = _block_weights(out)
-        assert len(weights) == 14 and all(_is_2_4(w) for w in weights.values())
+        assert len(weights) == 14 and all(is_2_4(w) for w in weights.values())
         assert set(sparse_weights(out.gm)) == set(weights)
         found[method] = sqnr(ref, torch.cat([out(*b) for b in calib]))
     assert found["sparsegpt"] > found["wanda"] > found["magnitude"], found
@@ -107,7 +104,7 @@ def test_quantization_after_keeps_the_zeros_and_exports(tmp_path) -> None:  # no
         if node.target is QLINEAR:
             qweight, scales, zeros = (graph.get_tensor(out.gm, a) for a in node.args[1:4])
             w = dequantize(qweight, scales, zeros, *node.args[5:8])
-            assert _is_2_4(w), node.name
+            assert is_2_4(w), node.name
     joint, records = run_pipeline(program, [Sparsify(pattern="2:4", bits=4, group_size=32, roles=("block",))],
                                   calibration=calib)
     assert records[0].stats["quantized"] == 14 and records[0].stats["zeros"] >= 0.5

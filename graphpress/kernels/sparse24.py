@@ -69,10 +69,12 @@ def semi_structured(program: Program, dtype: torch.dtype = torch.bfloat16) -> di
     out = {}
     for target in wanted:
         module, _, name = target.rpartition(".")
+        if target not in read_by_linear:  # a later pass renamed or replaced it, or no linear reads it
+            out[target] = "is not the weight of a linear in the program"
+            continue
         owner = program.gm.get_submodule(module) if module else program.gm
-        w = getattr(owner, name)
-        w = w.detach().to(dtype)
-        reason = "is not read by a linear" if target not in read_by_linear else why_not(w)
+        w = getattr(owner, name).detach().to(dtype)
+        reason = why_not(w)
         if reason is not None:
             out[target] = reason
             continue

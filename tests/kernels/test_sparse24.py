@@ -8,7 +8,7 @@ import torch
 
 from graphpress.kernels.sparse24 import compress, is_2_4, semi_structured, why_not
 from graphpress.metrics import sqnr
-from graphpress.passes.sparsify import Sparsify
+from graphpress.passes.sparsify import KEY, Sparsify
 from graphpress.runner import run_pipeline
 from graphpress.sparsity import Pattern, magnitude
 from tests.conftest import capture_tiny
@@ -43,7 +43,9 @@ def test_refusals_say_why() -> None:
     with pytest.raises(ValueError, match="no 2:4 weight"):
         semi_structured(dense)
     program = _sparsified_tiny()  # on the CPU: nothing swapped, each weight says why
+    program.gm.meta[KEY] = {**program.gm.meta[KEY], "gone.weight": "2:4"}  # as if a later pass replaced it
     found = semi_structured(program)
+    assert found.pop("gone.weight") == "is not the weight of a linear in the program"
     assert len(found) == 14 and all("CUDA" in reason for reason in found.values())
 
 

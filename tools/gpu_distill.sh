@@ -10,6 +10,9 @@
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
 #   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
 #   the training text alone (sampled into the cache, then training-text.tgz): bash tools/gpu_distill.sh text RECIPE
+#   an exported artifact back in parts of 60 MB, one a call (the last call's files are the ones that come back):
+#     bash tools/gpu_distill.sh fetch NAME 0   (then 1, 2, ... until it says "last part"); here:
+#     cat parts in order > DIR/model.onnx.data, beside the first call's model.onnx and tokenizer files
 # (RECIPE a name or a recipe file; after TOKENS, which "" leaves as the recipe's, each KEY=VALUE[,...] exports the
 # same program once more with those onnxruntime target options, scored like the first; for study, each is a
 # distill configuration to train from the same program: tools/bench_distill.py --config.)
@@ -25,6 +28,15 @@ case "$1" in
     [ -d .wa ] && cp .wa/part.aa "$W/part.aa"
     for d in .whl .wc; do [ -d "$d" ] && cp -r "$d" "$W/"; done
     ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40
+    ;;
+  fetch)
+    dir="$W/$2" part="$3"
+    [ -d "$dir/parts" ] || (mkdir -p "$dir/parts" && cd "$dir/parts" && split -d -a 2 -b 60000000 ../model.onnx.data data.)
+    parts=("$dir"/parts/data.*)
+    if [ "$part" = 0 ]; then cp "$dir/model.onnx" "$dir"/*.json "$OUT/"; cp "$dir"/*.jinja "$OUT/" 2>/dev/null || true; fi
+    cp "${parts[$part]}" "$OUT/"
+    sha256sum "$dir/model.onnx.data" | tee "$OUT/model.onnx.data.sha256"
+    if [ "$part" -ge $(( ${#parts[@]} - 1 )) ]; then echo "last part: $part of ${#parts[@]}"; fi
     ;;
   run|study|text)
     recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also

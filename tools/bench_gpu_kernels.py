@@ -85,10 +85,10 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-300))
 
 
-def bf16_copies(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """bf16 weights [n, k], as many copies as overflow the L2."""
+def bf16_copies(n: int, k: int, gen: torch.Generator, stored: float = 2.0) -> list[torch.Tensor]:
+    """bf16 weights [n, k], as many copies as overflow the L2 once stored at ``stored`` bytes a weight."""
     return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-            for _ in range(copies_for(n * k * 2))]
+            for _ in range(copies_for(int(n * k * stored)))]
 
 
 def int4_weights(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,15 +205,16 @@ def bench_w8a8(args: argparse.Namespace, gen: torch.Generator, result: dict) -> 
 
 
 def bench_sparse24(args: argparse.Namespace, gen: torch.Generator, result: dict) -> None:
-    from graphpress.kernels.sparse24 import compress
+    from graphpress.kernels.sparse24 import backend, compress
     from graphpress.sparsity import Pattern, magnitude
 
-    result["backend"] = "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    result["backend"] = backend().BACKEND
     print(f"{'shape':10} {'M':>5} {'bf16 us':>8} {'2:4 us':>8} {'x bf16':>7} {'searched':>8} {'x bf16':>7} {'SQNR':>5}",
           flush=True)
     for name in args.shapes:
         n, k = SHAPES[name]
-        dense = [w.masked_fill(magnitude(w, Pattern(n=2, m=4)), 0) for w in bf16_copies(n, k, gen)]
+        # compressed: half the values plus 2-bit indices, 1.125 bytes a weight; as many copies as that overflows L2
+        dense = [w.masked_fill(magnitude(w, Pattern(n=2, m=4)), 0) for w in bf16_copies(n, k, gen, stored=1.125)]
         sparse = [compress(w) for w in dense]
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
@@ -222,17 +223,18 @@ def bench_sparse24(args: argparse.Namespace, gen: torch.Generator, result: dict)
             out = torch.nn.functional.linear(x, sparse[0])
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": t_bf16, "sparse24_us": t_24,
                    "sparse24_speedup": t_bf16 / t_24, "sparse24_sqnr_db": sqnr_db(x.float() @ dense[0].float().T, out)}
-            try:  # the algorithm cuSPARSELt finds fastest for this shape, set on every copy
-                alg = torch._cslt_sparse_mm_search(sparse[0].packed, x.T.contiguous())
+            try:  # the algorithm cuSPARSELt finds fastest for this shape (x^T as linear passes it), on every copy
+                alg = torch._cslt_sparse_mm_search(sparse[0].packed, x.t(), transpose_result=True)
                 alg = alg[0] if isinstance(alg, tuple) else alg
                 for w in sparse:
                     w.alg_id_cusparselt = alg
                 row["searched_us"] = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in sparse])
                 row["searched_speedup"], row["alg_id"] = t_bf16 / row["searched_us"], alg
+            except (AttributeError, RuntimeError, TypeError) as e:  # said in the output, not fatal
+                result["search_error"] = f"{type(e).__name__}: {e}"[:300]
+            finally:
                 for w in sparse:
                     w.alg_id_cusparselt = 0
-            except (AttributeError, RuntimeError) as e:  # said in the output, not fatal
-                result["search_error"] = f"{type(e).__name__}: {e}"[:300]
             result["rows"].append(row)
             print(f"{name:10} {m:5d} {t_bf16:8.1f} {t_24:8.1f} {row['sparse24_speedup']:7.2f} "
                   f"{row.get('searched_us', float('nan')):8.1f} {row.get('searched_speedup', float('nan')):7.2f} "

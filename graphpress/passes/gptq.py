@@ -79,7 +79,7 @@ class GPTQ(WeightOnlyConfig):
             if target not in quantized:  # a linear outside the streamed parts: no Hessian was seen
                 skipped[target] = "not reached by the calibration stream"
                 continue
-            replace_linear(gm, node, quantized[target])
+            replace_linear(gm, node, quantized[target], self.activation_bits)
         cleanup(gm)
         stats = {"quantized": len(quantized), "skipped": skipped, "calibration_batches": len(ctx.calibration)}
         return PassResult(gm, bool(quantized), stats)

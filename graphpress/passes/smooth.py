@@ -290,9 +290,6 @@ class AWQ(WeightOnlyConfig):
     needs_calibration: ClassVar[bool] = True
     grid: int = 20
     max_rows: int = 4096  # activation rows per group that the search weighs the error on
-    # 8: weigh the error of the product with activations rounded to 8 bits per token (weights requantized to
-    # int8 per channel), for targets that multiply W4 weights that way (W4A8)
-    activation_bits: int = 0
     # calibration batches to observe, spread over the recipe's (0: all): the search weighs max_rows rows,
     # which a few batches already hold
     max_batches: int = 0
@@ -302,8 +299,6 @@ class AWQ(WeightOnlyConfig):
         if self.grid < 1 or self.max_rows < 1:
             raise ValueError(f"awq: grid ({self.grid}) and max_rows ({self.max_rows}) must be >= 1")
         _check_max_batches(self.name, self.max_batches)
-        if self.activation_bits not in (0, 8):
-            raise ValueError(f"awq: activation_bits is 0 (float) or 8, not {self.activation_bits}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         def choose(x: Stats, weights: list[torch.Tensor]) -> torch.Tensor:

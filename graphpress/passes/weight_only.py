@@ -33,10 +33,16 @@ class WeightOnlyConfig(Selection, Pass):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    # 8: the quantized linears round their activations to 8 bits per token too (W4A8, W8A8: weights requantized
+    # to int8 per channel, graphpress.kernels.quantized), what int8 kernels compute; for awq, whose scales only
+    # prepare a later rounding, the error its search weighs is that product's
+    activation_bits: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         QuantSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        if self.activation_bits not in (0, 8):
+            raise ValueError(f"{self.name}: activation_bits is 0 (float) or 8, not {self.activation_bits!r}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -114,6 +120,6 @@ class QuantizeRTN(WeightOnlyConfig):
         nodes, skipped = selected_linears(gm, self, self.name)
         for node in nodes:
             w = get_tensor(gm, node.args[1]).detach().float()
-            replace_linear(gm, node, quantize_rtn(w, self.spec, clip_search=self.clip_search))
+            replace_linear(gm, node, quantize_rtn(w, self.spec, clip_search=self.clip_search), self.activation_bits)
         cleanup(gm)
         return PassResult(gm, bool(nodes), {"quantized": len(nodes), "skipped": skipped})

@@ -234,6 +234,38 @@ def test_thaw_only_the_widths_asked_for() -> None:
     assert len(kept) == 7 and all(n.args[6] == 8 for n in kept)
 
 
+def test_a_w4a8_program_thaws_into_int8_arithmetic_trains_through_it_and_freezes_back() -> None:
+    """activation_bits=8 (what int8 kernels compute): thaw_quantized rounds each thawed linear's input and its
+    weight's int8 rows as the op does (exact: the runner checks it), gradients pass straight through both
+    roundings, and freezing gives back the codes with activation_bits=8."""
+    a8 = P["rtn"](bits=4, group_size=32, roles=("block",), activation_bits=8)
+    rtn, _ = run_pipeline(capture_tiny("llama"), [*_prep(), a8])
+    thawed, records = run_pipeline(rtn, [P["thaw_quantized"]()])
+    assert records[0].stats["thawed"] == 14
+    rounded = [n for n in thawed.gm.graph.nodes if str(n.target) == "graphpress.fake_quantize_activations.default"]
+    assert len(rounded) == 14
+    x = _windows(2, 12, seed=9)
+    torch.testing.assert_close(thawed(x), rtn(x), rtol=1e-5, atol=1e-5)
+    thawed.train()
+    thawed(x).float().square().mean().backward()
+    thawed.eval()
+    named = dict(thawed.gm.named_parameters())
+    assert named["model.layers.0.self_attn.q_proj.weight"].grad.abs().sum() > 0  # before the first rounding
+    frozen, _ = run_pipeline(thawed, [P["freeze_fake_quantize"]()])
+    kept = [n for n in frozen.gm.graph.nodes if str(n.target) == QLINEAR]
+    assert len(kept) == 14 and all(n.args[8] == 8 for n in kept)
+    before = dict(rtn.gm.named_buffers())
+    assert all(torch.equal(t, before[n]) for n, t in frozen.gm.named_buffers() if n.endswith("qweight"))
+    torch.testing.assert_close(frozen(x), rtn(x), rtol=1e-5, atol=1e-5)
+    # an input rounded without the weight's int8 rows (or the reverse) is no op's arithmetic: refused
+    node = rounded[0]
+    node.replace_all_uses_with(node.args[0])
+    with pytest.raises(PipelineError, match="without the other: no quantized_linear computes that"):
+        run_pipeline(thawed, [P["freeze_fake_quantize"]()])
+    with pytest.raises(ValueError, match="gptq: activation_bits is 0 \\(float\\) or 8, not 4"):
+        P["gptq"](activation_bits=4)
+
+
 def test_grid_lr_moves_each_fake_quantized_weight_by_its_share_of_a_code() -> None:
     """grid_lr: a fake-quantized weight's learning rate is grid_lr times the median of its scales (AdamW's first
     step moves each element by its learning rate, less what Adam's epsilon takes off a small gradient); the

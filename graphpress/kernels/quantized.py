@@ -18,7 +18,8 @@ target options).
                                  activation_bits=0)
         y = x @ w^T (+ bias). activation_bits=8: the model itself quantizes activations (W8A8): each row of x
         to 8 bits on the fly (``graphpress.quant.int8.quantize_rows_uint8``) against int8 weights per output
-        channel (``int8_weight``), the product exact; the gradient passes straight through the rounding.
+        channel (``int8_weight``), the product of the rounded values in float (int8 kernels sum integers, which
+        differs only in float rounding, ``w8a8_product``); the gradient passes straight through the rounding.
     graphpress::quantized_embedding(qweight, scales, zeros, indices, bits, group_size, hidden)
         rows w[indices] of a table [V, H] stored as above (a tied output head reads the same tensors)
     graphpress::fake_quantize(w, scales, zeros, bits, group_size, int8_rows=False)
@@ -134,9 +135,10 @@ def quantized_linear_reference(
     group_size: int,
     activation_bits: int = 0,
 ) -> torch.Tensor:
-    if activation_bits == 8:
-        y = w8a8_product(x, *int8_weight(qweight, scales, zeros, in_features, bits, group_size))
-        return (y if bias is None else y + bias).to(x.dtype)
+    if activation_bits == 8:  # in float, as a fake-quantized program computes it (w8a8_product: integer sums)
+        q, s = int8_weight(qweight, scales, zeros, in_features, bits, group_size)
+        w = q.float() * s[:, None]
+        return torch.nn.functional.linear(fake_quantize_rows(x), w, None if bias is None else bias.float()).to(x.dtype)
     if activation_bits:
         raise ValueError(f"quantized_linear: activation_bits is 0 (float) or 8, not {activation_bits}")
     w = dequantize(qweight, scales, zeros, in_features, bits, group_size).to(x.dtype)

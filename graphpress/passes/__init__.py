@@ -9,7 +9,12 @@ import dataclasses
 from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.distill import Distill
 from graphpress.passes.factorize import Factorize
-from graphpress.passes.fake_quant import FakeQuantize, FreezeFakeQuantize, ThawQuantized
+from graphpress.passes.fake_quant import (
+    FakeQuantize,
+    FakeQuantizeActivations,
+    FreezeFakeQuantize,
+    ThawQuantized,
+)
 from graphpress.passes.fold_batchnorm import FoldBatchNorm
 from graphpress.passes.fold_norms import FoldNormScales
 from graphpress.passes.fuse import FuseRMSNorm, FuseRotary
@@ -47,6 +52,7 @@ PASSES: dict[str, type[Pass]] = {
     "gptq": GPTQ,
     "quantize_embedding": QuantizeEmbedding,
     "fake_quantize": FakeQuantize,
+    "fake_quantize_activations": FakeQuantizeActivations,
     "freeze_fake_quantize": FreezeFakeQuantize,
     "thaw_quantized": ThawQuantized,
     "lora": LoRA,

@@ -25,10 +25,11 @@ import graphpress.kernels.quantized  # noqa: F401  (defines torch.ops.graphpress
 from graphpress import provenance
 from graphpress.graph import cleanup, free_target, get_tensor, is_op, module_name, new_get_attr
 from graphpress.kernels.quantized import dequantize, grid, unpack_codes
-from graphpress.passes.base import Pass, PassContext, PassError, PassResult
+from graphpress.passes.base import Pass, PassContext, PassError, PassResult, Selection
 from graphpress.passes.weight_only import WeightOnlyConfig, replace_linear, selected_linears
 from graphpress.quant.qweight import QuantizedWeight, QuantSpec
 from graphpress.quant.rtn import quantize_rtn
+from graphpress.roles import linear_roles
 
 aten = torch.ops.aten
 FAKE = torch.ops.graphpress.fake_quantize.default
@@ -115,14 +116,13 @@ class ThawQuantized(Pass):
     from post-training quantization (GPTQ, AWQ):
 
         quantized_linear(x, codes, s, z, b, ...)  =>  linear(x, fake_quantize(W, s, z, bits, g), b),  W = (codes - z) * s
-        quantized_linear(..., activation_bits=8)  =>  linear(fake_quantize_activations(x),
-                                                             fake_quantize(W, s, z, bits, g, int8_rows=True), b)
 
-    Exact: W lies on its own grid, so the program computes what it computed (with activation_bits=8, rounding
-    its input and its weight's int8 rows as the op does: the training sees the arithmetic of int8 kernels);
-    ``freeze_fake_quantize`` gives codes again after training. With ``bits``, the weights of other widths are
-    left as they are (skipped): an 8-bit grid's steps are 16x finer than a 4-bit one's, and the same learning
-    rate flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
+    Exact: W lies on its own grid, so the program computes what it computed; ``freeze_fake_quantize`` gives codes
+    again after training. Layers whose activations the model quantizes (activation_bits=8) are skipped: their
+    rounding of each token is exact only up to ties that float sums in another order break the other way
+    (thaw the weight-only program, then ``fake_quantize_activations``). With ``bits``, the weights of other
+    widths are skipped too: an 8-bit grid's steps are 16x finer than a 4-bit one's, and the same learning rate
+    flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
     """
 
     name: ClassVar[str] = "thaw_quantized"
@@ -137,7 +137,10 @@ class ThawQuantized(Pass):
             if not is_op(node, QLINEAR):
                 continue
             x, qweight, scales, zeros, bias, k, bits, group, *rest = node.args
-            int8_compute = bool(rest and rest[0])
+            if rest and rest[0]:
+                skipped[node.name] = (f"its activations are quantized to {rest[0]} bits: thaw the weight-only "
+                                      "program, then fake_quantize_activations")
+                continue
             if self.bits is not None and bits not in self.bits:
                 skipped[node.name] = f"{bits}-bit weights: bits asks for {list(self.bits)}"
                 continue
@@ -161,11 +164,7 @@ class ThawQuantized(Pass):
             gm.get_parameter(s_node.target).requires_grad_(self.learn_scales)
             z_node = new_get_attr(gm, free_target(gm, f"{prefix}.fq_zeros"), zp, node, buffer=True)
             with gm.graph.inserting_before(node):
-                fq = gm.graph.call_function(FAKE, (weight, s_node, z_node, bits, group, *[True] * int8_compute))
-                if int8_compute:
-                    val = x.meta.get("val")
-                    x = gm.graph.call_function(FAKE_ACTIVATIONS, (x,))
-                    x.meta = {"val": val} if val is not None else {}
+                fq = gm.graph.call_function(FAKE, (weight, s_node, z_node, bits, group))
                 linear = gm.graph.call_function(aten.linear.default, (x, fq, bias))
             fq.meta = {"val": weight.meta["val"]}
             linear.meta = {k_: v for k_, v in node.meta.items() if k_ in ("val", "nn_module_stack", "stack_trace")}
@@ -175,3 +174,53 @@ class ThawQuantized(Pass):
             thawed += 1
         cleanup(gm, drop=replaced)
         return PassResult(gm, thawed > 0, {"thawed": thawed, "skipped": skipped})
+
+
+@dataclass(frozen=True)
+class FakeQuantizeActivations(Selection, Pass):
+    """Train for int8 kernels (W4A8): each selected fake-quantized linear also rounds its input per token and its
+    weight to int8 rows, as quantized_linear with activation_bits=8 computes (graphpress.kernels.quantized):
+
+        linear(x, fake_quantize(W, ...), b)  =>  linear(fake_quantize_activations(x), fake_quantize(W, ..., int8_rows=True), b)
+
+    ``freeze_fake_quantize`` then gives quantized_linear(..., activation_bits=8). Lossy: the program now computes
+    what such a kernel computes. Linears whose weight is not fake-quantized are refused by name."""
+
+    name: ClassVar[str] = "fake_quantize_activations"
+    exact: ClassVar[bool] = False
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits != 8:
+            raise ValueError(f"{self.name}: activations are rounded to 8 bits per token, not {self.bits!r}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        roles = linear_roles(gm)
+        rounded, skipped = 0, {}
+        for node in list(gm.graph.nodes):
+            if not is_op(node, aten.linear.default) or not isinstance(node.args[1], fx.Node):
+                continue
+            fq = node.args[1]
+            weight = fq.args[0] if is_op(fq, FAKE) else fq
+            if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+                continue
+            module = module_name(weight.target)
+            if not self.selects(module, roles[node]):
+                continue
+            if not is_op(fq, FAKE):
+                skipped[module] = "a float weight: fake_quantize or thaw_quantized it first"
+                continue
+            if isinstance(node.args[0], fx.Node) and is_op(node.args[0], FAKE_ACTIVATIONS):
+                continue
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(FAKE_ACTIVATIONS, (node.args[0],))
+            x.meta = {"val": node.args[0].meta["val"]} if "val" in node.args[0].meta else {}
+            fq.args = (*fq.args[:5], True)
+            node.args = (x, *node.args[1:])
+            rounded += 1
+        if not rounded:
+            raise PassError(f"{self.name}: no selected linear has a fake-quantized weight ({len(skipped)} float); "
+                            "run thaw_quantized or fake_quantize before it")
+        cleanup(gm)
+        return PassResult(gm, True, {"rounded": rounded, "skipped": skipped})

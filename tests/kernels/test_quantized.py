@@ -17,7 +17,12 @@ from graphpress.kernels.quantized import (
 )
 from graphpress.kernels.rotary import rotary_embedding_reference
 from graphpress.metrics import max_rel_error, sqnr
-from graphpress.quant.int8 import dynamic_quantize_linear, quantize_rows_uint8, symmetric_int8_rows
+from graphpress.quant.int8 import (
+    dynamic_quantize_linear,
+    fake_quantize_rows,
+    quantize_rows_uint8,
+    symmetric_int8_rows,
+)
 from graphpress.quant.qweight import QuantSpec
 from graphpress.quant.rtn import quantize_rtn
 
@@ -60,7 +65,9 @@ def test_linear_and_embedding_references(spec: QuantSpec) -> None:
     assert torch.equal(quantized_embedding_reference(qweight, scales, zeros, ids, bits, g, k), w[ids])
 
 
-def test_w8a8_reference_is_the_int8_math_and_close_to_float() -> None:
+def test_w8a8_reference_multiplies_the_rounded_values_and_matches_the_int8_math() -> None:
+    """The rounded activations times the int8 weight, summed in float (what a fake-quantized program computes,
+    bit for bit); the integer sums of int8 kernels differ only by float rounding."""
     w = _weight(48, 256)
     q, s = symmetric_int8_rows(w)
     x = torch.randn(2, 9, 256) * torch.rand(2, 9, 1) * 4
@@ -68,9 +75,10 @@ def test_w8a8_reference_is_the_int8_math_and_close_to_float() -> None:
     codes = (q.int() + 128).to(torch.uint8)
     bias = torch.randn(48)
     y = quantized_linear_reference(x, codes, s[:, None], None, bias, 256, 8, 256, 8)
+    assert torch.equal(y, torch.nn.functional.linear(fake_quantize_rows(x), q.float() * s[:, None], bias))
     c, scale, zero, rows = quantize_rows_uint8(x)
     acc = (c.long() - zero.long()) @ q.long().T  # int64 accumulation
-    assert torch.equal(y, acc.float() * (scale * s) * rows[..., None] + bias)
+    torch.testing.assert_close(y, acc.float() * (scale * s) * rows[..., None] + bias, rtol=1e-5, atol=1e-5)
     assert torch.equal(y[0, 0], bias)  # the zero token gives exactly the bias
     assert sqnr(x @ w.T + bias, y) >= 35.0  # two 8-bit roundings: measured 40 dB
 

@@ -118,11 +118,11 @@ class ThawQuantized(Pass):
         quantized_linear(x, codes, s, z, b, ...)  =>  linear(x, fake_quantize(W, s, z, bits, g), b),  W = (codes - z) * s
 
     Exact: W lies on its own grid, so the program computes what it computed; ``freeze_fake_quantize`` gives codes
-    again after training. Layers whose activations the model quantizes (activation_bits=8) are skipped: their
-    rounding of each token is exact only up to ties that float sums in another order break the other way
-    (thaw the weight-only program, then ``fake_quantize_activations``). With ``bits``, the weights of other
-    widths are skipped too: an 8-bit grid's steps are 16x finer than a 4-bit one's, and the same learning rate
-    flips its codes within a few dozen steps (BENCHMARKS.md, issue 16).
+    again after training. Layers whose activations the model quantizes (activation_bits=8) are skipped: training
+    for int8 kernels thaws the weight-only program, then ``fake_quantize_activations`` rounds the activations of
+    the linears it selects. With ``bits``, the weights of other widths are skipped too: an 8-bit grid's steps
+    are 16x finer than a 4-bit one's, and the same learning rate flips its codes within a few dozen steps
+    (BENCHMARKS.md, issue 16).
     """
 
     name: ClassVar[str] = "thaw_quantized"

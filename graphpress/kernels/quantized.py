@@ -85,10 +85,8 @@ def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     if bits == 8 and zeros is None and groups == 1:
         return (qweight[:, :in_features].to(torch.int16) - 128).to(torch.int8), scales[:, 0].float()
     codes, zp = grouped_codes(qweight, zeros, bits, groups, group_size)
-    factor, r = row_requantization(codes, zp, scales)
-    centered = codes.to(torch.int16) - zp[..., None]  # [N, G, g] int16
-    q = torch.round(centered.float() * factor[..., None]).to(torch.int8)
-    return q.reshape(n, groups * group_size)[:, :in_features], r / 127.0
+    q, step = requantize_rows(codes, zp, scales)
+    return q.to(torch.int8).reshape(n, groups * group_size)[:, :in_features], step
 
 
 def grouped_codes(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, groups: int, group_size: int
@@ -112,6 +110,14 @@ def row_requantization(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tens
     r = (s * reach).abs().amax(-1)
     r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
     return s * (127.0 / r)[:, None], r
+
+
+def requantize_rows(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped codes [N, G, g] (any dtype holding integers) with zero points [N, G] requantized to int8 per row:
+    (q [N, G, g] float holding integers in [-127, 127], the row's step r / 127 [N])."""
+    factor, r = row_requantization(codes, zp, scales)
+    q = torch.round((codes.float() - zp.float()[..., None]) * factor[..., None])
+    return q, r / 127.0
 
 
 def w8a8_product(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -178,8 +184,8 @@ def fake_quantize_reference(w: torch.Tensor, scales: torch.Tensor, zeros: torch.
                             group_size: int, int8_rows: bool = False) -> torch.Tensor:
     _, codes, z = grid(w, scales, zeros, bits, group_size)
     if int8_rows:  # int8_weight's arithmetic, on the float codes
-        factor, r = row_requantization(codes, z[..., 0], scales)
-        y = torch.round((codes - z) * factor[..., None]) * (r / 127.0)[:, None, None]
+        q, step = requantize_rows(codes, z[..., 0], scales)
+        y = q * step[:, None, None]
     else:
         y = (codes - z) * scales.float()[..., None]
     return y.reshape(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)

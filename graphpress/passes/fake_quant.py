@@ -188,12 +188,6 @@ class FakeQuantizeActivations(Selection, Pass):
 
     name: ClassVar[str] = "fake_quantize_activations"
     exact: ClassVar[bool] = False
-    bits: int = 8
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.bits != 8:
-            raise ValueError(f"{self.name}: activations are rounded to 8 bits per token, not {self.bits!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         roles = linear_roles(gm)

@@ -79,20 +79,29 @@ def lowest(scores: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torc
     """The mask [N, K] (True: prune) of the lowest ``scores`` [N, K]: N:M within each group of m columns of
     a row; a ratio within each row (``per_row``) or over the whole tensor."""
     rows, k = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if pattern.m is not None:
         m = pattern.m
         groups = scores.reshape(rows, k // m, m)
         idx = groups.topk(m - pattern.n, dim=-1, largest=False).indices  # type: ignore[operator]
-        return mask.reshape(rows, k // m, m).scatter_(-1, idx, True).reshape(rows, k)
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        return mask.scatter_(-1, idx, True).reshape(rows, k)
+    ratio = float(pattern.ratio)  # type: ignore[arg-type]
     if per_row:
-        count = round(pattern.ratio * k)  # type: ignore[operator]
-        return mask.scatter_(1, scores.topk(count, dim=1, largest=False).indices, True) if count else mask
-    count = round(pattern.ratio * scores.numel())  # type: ignore[operator]
-    flat = mask.view(-1)
-    if count:
-        flat[scores.reshape(-1).topk(count, largest=False).indices] = True
-    return mask
+        return _below_kth(scores, round(ratio * k))
+    return _below_kth(scores.reshape(1, -1), round(ratio * scores.numel())).reshape(rows, k)
+
+
+def _below_kth(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The mask [R, C] of the ``count`` lowest scores of each row: those below the row's count-th value, then
+    as many of its ties as the count leaves, first ones first. A linear-time selection (kthvalue) where topk
+    sorts: 2.5-4x faster on SmolLM2's [rows x 128] blocks."""
+    if count == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(count, dim=1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    room = count - below.sum(1, keepdim=True)
+    return below | (ties & (ties.cumsum(1) <= room))
 
 
 def magnitude(w: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -289,6 +298,22 @@ def saliency(w: torch.Tensor, inv_diag: torch.Tensor, fisher: torch.Tensor | Non
     return s if fisher is None else s * fisher.float()[:, None]
 
 
+def ranked_window(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The values x.sort()[lo:hi] of a flat x, in no order: two linear-time selections (kthvalue) and a mask
+    instead of a sort (8 s for SmolLM2's 106 M decoder weights on the 2-core machine), the ties at either end
+    repeated as many times as the sorted window holds them."""
+    if hi <= lo:
+        return x[:0]
+    first = x.kthvalue(lo + 1).values  # sorted[lo]
+    last = x.kthvalue(hi).values  # sorted[hi - 1]
+    if first == last:
+        return first.expand(hi - lo).clone()
+    inside = x[(x > first) & (x < last)]
+    at_first = int((x <= first).sum()) - lo  # the copies of ``first`` at ranks lo, lo + 1, ...
+    at_last = hi - int((x < last).sum())  # the copies of ``last`` up to rank hi - 1
+    return torch.cat([first.expand(at_first), inside, last.expand(at_last)])
+
+
 def allocate_ratios(saliencies: dict[str, torch.Tensor], ratio: float, spread: float) -> dict[str, float]:
     """Per-layer ratios of zeros in [ratio - spread, ratio + spread] with ``ratio`` of all weights zero: every
     layer prunes its (ratio - spread) least salient weights, and the rest of the budget goes to the least
@@ -300,7 +325,7 @@ def allocate_ratios(saliencies: dict[str, torch.Tensor], ratio: float, spread: f
     budget = int(round(ratio * sum(counts.values()))) - sum(lo.values())
     candidates, owners = [], []
     for i, (k, s) in enumerate(saliencies.items()):
-        part = s.reshape(-1).float().sort().values[lo[k]:hi[k]]
+        part = ranked_window(s.reshape(-1).float(), lo[k], hi[k])
         candidates.append(part)
         owners.append(torch.full((part.numel(),), i, dtype=torch.int32))
     chosen = torch.cat(owners)[torch.cat(candidates).topk(max(budget, 0), largest=False).indices]
@@ -309,4 +334,4 @@ def allocate_ratios(saliencies: dict[str, torch.Tensor], ratio: float, spread: f
 
 
 __all__ = ["METHODS", "Pattern", "Sparse", "allocate_ratios", "damped", "inverse_diagonal", "lowest", "magnitude",
-           "outlier_ratios", "owl_ratios", "refine", "reselect", "saliency", "sparsegpt", "sparsity", "wanda"]
+           "outlier_ratios", "owl_ratios", "ranked_window", "refine", "reselect", "saliency", "sparsegpt", "sparsity", "wanda"]

@@ -153,6 +153,29 @@ def test_allocated_ratios_take_the_least_salient_weights_of_all_layers_within_bo
     assert r["quiet"] == pytest.approx(0.6) and r["loud"] < r["mid"] < r["quiet"]
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("levels", [0, 2, 7])  # continuous scores; a few distinct values (many ties)
+def test_lowest_takes_exactly_the_lowest_scores_ties_included(per_row: bool, levels: int) -> None:
+    scores = torch.rand(9, 40, generator=torch.Generator().manual_seed(levels))
+    if levels:
+        scores = (scores * levels).floor()
+    mask = sparsity.lowest(scores, Pattern(0.45), per_row=per_row)
+    for got, s in zip(mask, scores, strict=True) if per_row else [(mask.reshape(-1), scores.reshape(-1))]:
+        count = round(0.45 * s.numel())
+        assert int(got.sum()) == count
+        assert torch.equal(s[got].sort().values, s.sort().values[:count])  # the lowest values, whichever ties
+
+
+@pytest.mark.parametrize("levels", [0, 3, 40])  # continuous values; a few distinct values (ties at both ends)
+@pytest.mark.parametrize(("lo", "hi"), [(0, 500), (120, 380), (499, 500), (250, 250), (7, 8)])
+def test_ranked_window_holds_the_sorted_window_values(levels: int, lo: int, hi: int) -> None:
+    x = torch.rand(500, generator=torch.Generator().manual_seed(levels + lo))
+    if levels:
+        x = (x * levels).floor()
+    got = sparsity.ranked_window(x, lo, hi)
+    assert torch.equal(got.sort().values, x.sort().values[lo:hi])
+
+
 def test_owl_ratios_stay_in_bounds_and_average_to_the_ratio() -> None:
     outliers = torch.tensor([0.01, 0.03, 0.02, 0.08])
     counts = torch.tensor([100, 100, 200, 100])

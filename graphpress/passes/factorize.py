@@ -145,12 +145,15 @@ class Factorize(Selection, Pass):
             white = lowrank.whitening(xtx, self.damp) if self.method == "whitened" else None
             for node in members:
                 w = graph.get_tensor(gm, node.args[1])
+                # detached: factors of a weight that requires grad would keep their autograd graph (the
+                # whitening, the SVD's factors) alive with them: 0.1 GB a block on SmolLM2
+                W = w.detach()
                 if white is not None:
-                    factors[node] = lowrank.whitened(w, xtx, ranks[node], fisher=fisher.get(node), white=white)
+                    factors[node] = lowrank.whitened(W, xtx, ranks[node], fisher=fisher.get(node), white=white)
                 else:
-                    factors[node] = lowrank.asvd(w, mean_abs, ranks[node], self.alpha)
+                    factors[node] = lowrank.asvd(W, mean_abs, ranks[node], self.alpha)
                 if self.sequential:
-                    originals[node] = w.detach().clone()
+                    originals[node] = W.clone()
                     with torch.no_grad():
                         w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
 

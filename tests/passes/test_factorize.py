@@ -42,6 +42,25 @@ def test_sequential_factorizes_later_blocks_on_the_factorized_earlier_ones() -> 
     assert len(stats["ranks"]) == 14
 
 
+def test_the_factors_are_computed_outside_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights that require grad (a captured program's parameters do) must not reach the factorization with
+    it: every factor would keep its autograd graph (the whitening, the SVD's factors) alive until the pass
+    ends, 0.1 GB a block on SmolLM2."""
+    from graphpress import lowrank
+
+    program = capture_tiny("llama")
+    assert all(p.requires_grad for p in program.gm.parameters())
+    real, seen = lowrank.whitened, []
+
+    def whitened(W: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(W.requires_grad)
+        return real(W, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank, "whitened", whitened)
+    run_pipeline(program, [Factorize(ratio=0.6, roles=("block",))], calibration=_calibration())
+    assert seen and not any(seen)
+
+
 def test_one_rank_for_every_linear_and_the_export(tmp_path) -> None:
     from graphpress.lowering.onnx import export_onnx
 

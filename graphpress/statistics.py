@@ -244,7 +244,7 @@ class _Keeping(fx.Interpreter):
 
 
 def output_fisher(gm: fx.GraphModule, linears: Sequence[fx.Node], batches: list[tuple[torch.Tensor, ...]],
-                  rows: int = 2) -> dict[fx.Node, torch.Tensor] | None:
+                  rows: int = 1) -> dict[fx.Node, torch.Tensor] | None:
     """The diagonal Fisher information of each linear's output: per output channel, the sum over tokens of
     (dL/dy)^2, L the next-token loss of a causal language model (the mean over a batch's tokens), on the
     batches split into ``rows`` sequences at a time (the backward holds every block's activations of those rows

@@ -125,7 +125,7 @@ class Factorize(Selection, Pass):
         if not (self.fisher or self.allocate):
             return {}
         self._check_calibration(ctx)
-        found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches), rows=1)
+        found = output_fisher(gm, nodes, spread(ctx.calibration, self.allocate_batches))
         if found is None:  # an encoder, a conv net: no next-token loss to weigh by
             log.info("factorize: %s is not a language model (token ids in, logits out): no Fisher weights, one "
                      "fraction for every layer", ctx.program.name)

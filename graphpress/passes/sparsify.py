@@ -226,7 +226,7 @@ class Sparsify(Selection, Pass):
         """Each selected weight's ratio from Fisher-weighted OBS saliencies on the original program ({} when it
         is not a language model)."""
         batches = spread(ctx.calibration, self.allocate_batches)
-        fisher = output_fisher(gm, list(by_target.values()), batches, rows=1)
+        fisher = output_fisher(gm, list(by_target.values()), batches)
         if fisher is None:
             log.info("sparsify: %s is not a language model: one ratio for every layer", ctx.program.name)
             return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -207,7 +208,7 @@ def fold_and_clean(model: onnx_ir.Model, iterations: int = 2) -> None:
     common = onnx_ir.passes.common
     common.InlinePass()(model)
     for _ in range(iterations):
-        folded = onnxscript.optimizer.fold_constants_ir(model, onnx_shape_inference=True, should_fold=_keep_packed)
+        folded = onnxscript.optimizer.fold_constants_ir(model, onnx_shape_inference=True, should_fold=_should_fold)
         common.RemoveUnusedNodesPass()(model)
         if not folded.modified:
             break
@@ -222,18 +223,34 @@ _PACKED = (onnx_ir.DataType.UINT8, onnx_ir.DataType.INT8)
 _VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
-def _keep_packed(node: onnx_ir.Node) -> bool | None:
-    """Constant folding must not unpack packed integers (uint8 / int8 codes, zero points) into a larger
-    initializer: a node reading a constant 8-bit integer tensor is left for the runtime. A view of codes that
-    nothing else reads is folded, whatever its size: the file then holds the codes in the layout their kernel
-    reads, and onnxruntime does not hold both layouts at session start. A view of shared codes (the tied
-    embedding's table, gathered as it is and multiplied as blocks) stays, so the codes are stored once."""
-    packed = [v for v in node.inputs if v is not None and v.const_value is not None and v.dtype in _PACKED]
-    if not packed:
+GROWTH = 1 << 16  # bytes a folded constant may add to the file over the constants it is computed from
+
+
+def _should_fold(node: onnx_ir.Node) -> bool | None:
+    """Constant folding must not make the file larger than the program needs (None: onnxscript's own rules).
+
+    - Packed integers (uint8 / int8 codes, zero points) are not unpacked into a larger initializer: a node
+      reading a constant 8-bit integer tensor is left for the runtime. A view of codes that nothing else reads
+      is folded, whatever its size: the file then holds the codes in the layout their kernel reads, and
+      onnxruntime does not hold both layouts at session start. A view of shared codes (the tied embedding's
+      table, gathered as it is and multiplied as blocks) stays, so the codes are stored once.
+    - A node whose output is larger than its constant inputs by more than ``GROWTH`` bytes (the rotary tables
+      computed from a few inverse frequencies and a Range of positions) stays: the runtime computes it once
+      when it loads the model, and the file keeps the few numbers it is computed from."""
+    inputs = [v for v in node.inputs if v is not None and v.const_value is not None]
+    packed = [v for v in inputs if v.dtype in _PACKED]
+    if packed:
+        return node.domain == "" and node.op_type in _VIEWS and all(len(v.uses()) == 1 for v in packed)
+    out = sum(_nbytes(v) or 0 for v in node.outputs)
+    return False if out > sum(v.const_value.nbytes for v in inputs) + GROWTH else None
+
+
+def _nbytes(value: onnx_ir.Value) -> int | None:
+    """The bytes of a value whose dtype and static shape are known, else None."""
+    shape, dtype = value.shape, value.dtype
+    if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
         return None
-    if node.domain == "" and node.op_type in _VIEWS and all(len(v.uses()) == 1 for v in packed):
-        return True
-    return False
+    return math.prod(shape) * dtype.itemsize
 
 
 def name_dynamic_dims(model: onnx.ModelProto, dynamic_dims: Sequence[dict[int, str]]) -> None:

@@ -67,3 +67,35 @@ def test_weights_over_the_threshold_go_beside_the_graph_in_their_kernels_layout(
     readers = [n for n in model.graph.node if set(n.input) & codes]
     # each linear's codes are stored as MatMulNBits reads them: no Reshape left for the session to fold
     assert readers and {n.op_type for n in readers} == {"MatMulNBits"}
+
+
+def test_folding_leaves_a_constant_that_would_grow_the_file_to_the_runtime() -> None:
+    import numpy as np
+    import onnx_ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphpress.lowering.onnx import GROWTH, fold_and_clean
+
+    # cos(range(n) * f): a table of n floats computed from three scalars and f; and a small one folded as before
+    n = GROWTH // 4 + 1
+    nodes = [helper.make_node("Range", ["start", "n", "one"], ["r"]), helper.make_node("Cast", ["r"], ["rf"], to=1),
+             helper.make_node("Mul", ["rf", "f"], ["a"]), helper.make_node("Cos", ["a"], ["table"]),
+             helper.make_node("Gather", ["table", "i"], ["y0"]), helper.make_node("Add", ["y0", "small"], ["y1"]),
+             helper.make_node("Mul", ["y1", "x"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in (("start", 0), ("n", n), ("one", 1))]
+    inits += [numpy_helper.from_array(np.array([0.01], dtype=np.float32), "f"),
+              numpy_helper.from_array(np.cos(np.arange(4, dtype=np.float32)), "small0")]
+    nodes.insert(0, helper.make_node("Cos", ["small0"], ["small"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                                           helper.make_tensor_value_info("i", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = {"x": np.ones(4, np.float32), "i": np.array([0, 5, n - 1, 7])}
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)[0]
+    model = onnx_ir.serde.deserialize_model(proto)
+    fold_and_clean(model)
+    folded = onnx_ir.serde.serialize_model(model)
+    assert max(numpy_helper.to_array(t).size for t in folded.graph.initializer) == 4  # no table of n stored
+    assert [n.op_type for n in folded.graph.node].count("Cos") == 1  # the small one was folded
+    np.testing.assert_array_equal(ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0], before)

@@ -66,6 +66,8 @@ def test_onnxruntime_runs_group_query_attention_and_decodes_as_transformers(tmp_
     assert "RotaryEmbedding" not in ops and ops.count("Split") == 2  # the two MLPs' gate/up
     tables = {tuple(n.input[7:9]) for n in nodes if n.op_type == "GroupQueryAttention"}
     assert len(tables) == 1  # the layers share one pair of rotary tables
+    stored = {t.name for t in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer}
+    assert not stored & set(*tables)  # computed from the inverse frequencies when the runtime loads the model
     assert presents_in_place(tmp_path / "model.onnx")  # onnxruntime-genai may share past and present buffers
     prompt = list(range(5, 17))
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -77,7 +77,7 @@ def unpack_uint8(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
                 bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight as int8 codes [N, K] and one float32 scale per row r / 127 (r = max |w| of the row), for int8
+    """The weight as int8 codes [N, K] and one float32 scale per row ~r / 127 (r = max |w| of the row), for int8
     products: the codes themselves for 8-bit symmetric weights with one group per row (exact), else
     q = round((code - zero) * scale * 127 / r), the weight requantized symmetric per row (an error ~1/8 of a
     4-bit step)."""
@@ -101,23 +101,35 @@ def grouped_codes(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, 
 
 def row_requantization(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For requantizing grouped weights to int8 per row: each group's factor s * 127 / r [N, G], so that
-    q = round((code - zero) * factor), and each row's max |w| r [N] (1 for an all-zero row). The range of each
-    group comes from its codes' min and max, so nothing [N, K] is made in float."""
+    """For requantizing grouped weights to int8 per row: each group's factor s / step [N, G], so that
+    q = round((code - zero) * factor), and each row's step [N]: r / 127 for the row's max |w| r (1 / 127 for an
+    all-zero row), rounded up to a float16 value (``up_to_float16``: a file stores it in half the bytes, and no
+    code passes 127). The range of each group comes from its codes' min and max, so nothing [N, K] is made in
+    float."""
     z = zp.float()  # [N, G]
     reach = torch.maximum(codes.amax(-1).float() - z, z - codes.amin(-1).float())  # max |code - zero|
     s = scales.float()
     r = (s * reach).abs().amax(-1)
     r = torch.where(r > 0, r, 1.0)  # an all-zero row: any scale is exact
-    return s * (127.0 / r)[:, None], r
+    step = up_to_float16(r / 127.0)
+    return s / step[:, None], step
+
+
+def up_to_float16(x: torch.Tensor) -> torch.Tensor:
+    """Each positive float32 of ``x`` raised to the nearest float16 value at or above it, where float16 holds it
+    to 2^-11 (normal numbers: 2^-14 to 65504; elsewhere x unchanged); the gradient passes straight through."""
+    half = x.detach().to(torch.float16)
+    up = torch.where(half.float() < x.detach(), torch.nextafter(half, torch.full_like(half, torch.inf)), half)
+    normal = (x.detach() >= 2.0 ** -14) & (x.detach() <= 65504.0)
+    return x + (torch.where(normal, up.float(), x.detach()) - x.detach())
 
 
 def requantize_rows(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped codes [N, G, g] (any dtype holding integers) with zero points [N, G] requantized to int8 per row:
-    (q [N, G, g] float holding integers in [-127, 127], the row's step r / 127 [N])."""
-    factor, r = row_requantization(codes, zp, scales)
+    (q [N, G, g] float holding integers in [-127, 127], the row's step [N], ``row_requantization``)."""
+    factor, step = row_requantization(codes, zp, scales)
     q = torch.round((codes.float() - zp.float()[..., None]) * factor[..., None])
-    return q, r / 127.0
+    return q, step
 
 
 def w8a8_product(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

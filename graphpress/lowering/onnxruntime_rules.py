@@ -132,13 +132,14 @@ def int8_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
         codes  [G, g * bits / 8, N] uint8   transposed per group; 4 bits: column j low nibble, j + g/2 high
         zeros  [G, 1, N * bits / 8] uint8   the zero points, packed along N (None: symmetric, 2^(bits-1))
-        step   [G, 1, N] float16            each group's step in int8 units of its row: r / (127 s) for a
-                                            row's max |w| r, so that q = round((code - zero) / step)
-        row    [N] float32                  r / 127, the int8 weight's scale per output channel
+        step   [G, 1, N] float16            each group's step in int8 units of its row: row / s for the
+                                            group's scale s, so that q = round((code - zero) / step)
+        row    [N] float32                  ~r / 127, the int8 weight's scale per output channel (a float16
+                                            value: stored as one, ``row_requantization``)
     """
     n, groups = scales.shape
     codes, zp = grouped_codes(qweight, zeros, bits, groups, group_size)
-    factor, r = row_requantization(codes, zp, scales)
+    factor, row = row_requantization(codes, zp, scales)
     # step = 1 / factor; a group whose codes all equal the zero point is 0 at any step: 1/128 keeps it finite
     # and every other group unchanged (their |step| >= reach / 127 >= 1/127); past float16's range q rounds
     # to 0 anyway; symmetric scales may be negative, and the step keeps their sign
@@ -156,7 +157,7 @@ def int8_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
             stored_zeros = torch.nn.functional.pad(stored_zeros, (0, n % 2))
             stored_zeros = stored_zeros[..., 0::2] | (stored_zeros[..., 1::2] << 4)
         stored_zeros = stored_zeros.contiguous()
-    return grouped.contiguous(), stored_zeros, step.T.to(torch.float16)[:, None, :].contiguous(), r / 127.0
+    return grouped.contiguous(), stored_zeros, step.T.to(torch.float16)[:, None, :].contiguous(), row
 
 
 def int8_requantized(codes: torch.Tensor, zeros: torch.Tensor | None, step: torch.Tensor, in_features: int,

@@ -235,8 +235,8 @@ def _should_fold(node: onnx_ir.Node) -> bool | None:
       onnxruntime does not hold both layouts at session start. A view of shared codes (the tied embedding's
       table, gathered as it is and multiplied as blocks) stays, so the codes are stored once.
     - A node whose output is larger than its constant inputs by more than ``GROWTH`` bytes (the rotary tables
-      computed from a few inverse frequencies and a Range of positions, ~2 MB for SmolLM2) stays: the runtime computes it once
-      when it loads the model, and the file keeps the few numbers it is computed from."""
+      computed from a few inverse frequencies and a Range of positions, 2 MB for SmolLM2) stays: the runtime
+      computes it once when it loads the model, and the file keeps the few numbers it is computed from."""
     inputs = [v for v in node.inputs if v is not None and v.const_value is not None]
     packed = [v for v in inputs if v.dtype in _PACKED]
     if packed:

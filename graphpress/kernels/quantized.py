@@ -79,8 +79,8 @@ def int8_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
                 bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight as int8 codes [N, K] and one float32 scale per row ~r / 127 (r = max |w| of the row), for int8
     products: the codes themselves for 8-bit symmetric weights with one group per row (exact), else
-    q = round((code - zero) * scale * 127 / r), the weight requantized symmetric per row (an error ~1/8 of a
-    4-bit step)."""
+    q = round((code - zero) * scale / step) with step >= r / 127 (``row_requantization``), the weight requantized
+    symmetric per row (an error ~1/8 of a 4-bit step)."""
     n, groups = scales.shape
     if bits == 8 and zeros is None and groups == 1:
         return (qweight[:, :in_features].to(torch.int16) - 128).to(torch.int8), scales[:, 0].float()
@@ -116,12 +116,13 @@ def row_requantization(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tens
 
 
 def up_to_float16(x: torch.Tensor) -> torch.Tensor:
-    """Each positive float32 of ``x`` raised to the nearest float16 value at or above it, where float16 holds it
-    to 2^-11 (normal numbers: 2^-14 to 65504; elsewhere x unchanged); the gradient passes straight through."""
+    """Each float32 of ``x`` raised to the nearest float16 value at or above it (at most 2^-10 relative) where
+    float16's normal numbers reach it (2^-14 to 65504; elsewhere x unchanged); the gradient passes straight
+    through."""
     half = x.detach().to(torch.float16)
     up = torch.where(half.float() < x.detach(), torch.nextafter(half, torch.full_like(half, torch.inf)), half)
     normal = (x.detach() >= 2.0 ** -14) & (x.detach() <= 65504.0)
-    return x + (torch.where(normal, up.float(), x.detach()) - x.detach())
+    return torch.where(normal, x + (up.float() - x).detach(), x)
 
 
 def requantize_rows(codes: torch.Tensor, zp: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

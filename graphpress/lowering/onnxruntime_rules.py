@@ -44,7 +44,8 @@ from graphpress.kernels.quantized import (
     unpack_codes,
     w8a8_product,
 )
-from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError
+from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError, chain
+from graphpress.passes.fuse_attention import computed_rotary_tables
 from graphpress.quant.int8 import TINY
 
 MS = "com.microsoft"
@@ -134,8 +135,9 @@ def int8_storage(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         zeros  [G, 1, N * bits / 8] uint8   the zero points, packed along N (None: symmetric, 2^(bits-1))
         step   [G, 1, N] float16            each group's step in int8 units of its row: row / s for the
                                             group's scale s, so that q = round((code - zero) / step)
-        row    [N] float32                  ~r / 127, the int8 weight's scale per output channel (a float16
-                                            value: stored as one, ``row_requantization``)
+        row    [N] float32                  ~r / 127, the int8 weight's scale per output channel (float16
+                                            values where float16's normal numbers reach them: then the file
+                                            stores them as float16, ``row_requantization``)
     """
     n, groups = scales.shape
     codes, zp = grouped_codes(qweight, zeros, bits, groups, group_size)
@@ -440,4 +442,4 @@ def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scale
         Rule(torch.ops.graphpress.rotary_embedding.default, rotary_rule, target="onnx"),
         Rule(torch.ops.graphpress.cached_attention.default, cached_attention_rule),
         Rule(torch.ops.aten.rms_norm.default, rms_norm_rule),
-    ), prepare=_fp16_scales if fp16_scales else None, finish=skip_norms)
+    ), prepare=chain(_fp16_scales if fp16_scales else None, computed_rotary_tables), finish=skip_norms)

@@ -85,14 +85,14 @@ class RuleTable:
             return RuleTable(self.rules + tuple(other), self.prepare, self.finish, self.opset)
         if None not in (self.opset, other.opset) and self.opset != other.opset:
             raise ValueError(f"lowering tables for opsets {self.opset} and {other.opset} cannot be combined")
-        return RuleTable(self.rules + other.rules, _chain(self.prepare, other.prepare),
-                         _chain(self.finish, other.finish), self.opset if self.opset is not None else other.opset)
+        return RuleTable(self.rules + other.rules, chain(self.prepare, other.prepare),
+                         chain(self.finish, other.finish), self.opset if self.opset is not None else other.opset)
 
     def lookup(self, target: object) -> Rule | None:
         return next((r for r in self.rules if r.op == target), None)
 
 
-def _chain(*steps: Callable[[Any], None] | None) -> Callable[[Any], None] | None:
+def chain(*steps: Callable[[Any], None] | None) -> Callable[[Any], None] | None:
     """One step running ``steps`` in turn (None when there are none)."""
     todo = [s for s in steps if s is not None]
     if len(todo) <= 1:

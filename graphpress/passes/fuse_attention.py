@@ -34,7 +34,7 @@ from torch import fx
 
 import graphpress.kernels.attention  # noqa: F401  (defines torch.ops.graphpress.cached_attention)
 from graphpress import kv_cache
-from graphpress.graph import infer_val
+from graphpress.graph import DERIVED, free_target, get_tensor, infer_val, is_derived, new_get_attr
 from graphpress.kernels.attention import causal_padding_mask
 from graphpress.passes.base import Pass, PassContext, PassResult
 
@@ -72,12 +72,11 @@ class FuseAttention(Pass):
         wrong = _mask_differences(gm, masks, marks) if masks else {}
         fused = 0
         tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None] = {}
-        built: list[tuple[list[torch.Tensor], tuple[fx.Node, fx.Node]]] = []
         for sdpa, q, (cat_k, k), (cat_v, v), scale, mask in matches:
             if mask in wrong:
                 skipped[sdpa.name] = wrong[mask]
                 continue
-            _fuse(gm, sdpa, q, cat_k, k, cat_v, v, scale, marks, tables, built)
+            _fuse(gm, sdpa, q, cat_k, k, cat_v, v, scale, marks, tables)
             fused += 1
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -186,8 +185,7 @@ def _to_tokens(graph: fx.Graph, x4: fx.Node) -> fx.Node:
 
 def _fuse(gm: fx.GraphModule, sdpa: fx.Node, q4: fx.Node, cat_k: fx.Node, k4: fx.Node, cat_v: fx.Node,
           v4: fx.Node, scale: float, marks: dict[str, fx.Node],
-          tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None],
-          built: list[tuple[list[torch.Tensor], tuple[fx.Node, fx.Node]]]) -> None:
+          tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None]) -> None:
     graph = gm.graph
     past_k, past_v = cat_k.args[0][0], cat_v.args[0][0]
     heads, kv_heads = int(q4.meta["val"].shape[1]), int(cat_k.meta["val"].shape[1])
@@ -196,7 +194,7 @@ def _fuse(gm: fx.GraphModule, sdpa: fx.Node, q4: fx.Node, cat_k: fx.Node, k4: fx
     if rotated is not None:
         q4, k4, cos, sin = rotated
         if (cos, sin) not in tables:
-            tables[cos, sin] = _rotary_tables(gm, cos, sin, marks, built)
+            tables[cos, sin] = _rotary_tables(gm, cos, sin, marks)
     cos_table, sin_table = tables.get((cos, sin)) or (None, None)
     q, k, v = (_to_tokens(graph, x) for x in (q4, k4, v4))
     packed = _packed(q, k, v)
@@ -251,23 +249,21 @@ def _packed(q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node | None:
     return split.args[0] if isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1) else None
 
 
-TABLE_POSITIONS = 1 << 17  # the longest rotary tables computed (a model with a longer context gets these)
+TABLE_POSITIONS = 1 << 17  # the longest rotary tables made (a model with a longer context gets these)
 
 
-def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[str, fx.Node],
-                   built: list[tuple[list[torch.Tensor], tuple[fx.Node, fx.Node]]]) -> tuple[fx.Node, fx.Node] | None:
-    """The rotary embedding by position, [L, D/2] for cos and for sin (L: the model's positions), for a runtime
-    that rotates inside its attention kernel; None when the model does not say its positions or the rotation of
-    a position depends on more than the position (checked: positions 5..7 after a past of 5 must be rows 5..7).
-
-    The tables are computed in the program, by the model's own rotary subgraph run on positions 0..L-1, not
-    stored: a few numbers (the inverse frequencies) instead of L * D floats in the file (2 MB for SmolLM2's 8192
-    positions, 64 MB for a context of 128K), which a runtime folds into constants when it loads the model.
-    ``built``: the tables computed so far, with their values; layers whose rotary gives the same share them."""
+def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[str, fx.Node]
+                   ) -> tuple[fx.Node, fx.Node] | None:
+    """The rotary embedding by position, [L, D/2] for cos and for sin (L: the model's positions), as constants
+    for a runtime that rotates inside its attention kernel; None when the model does not say its positions or
+    the rotation of a position depends on more than the position (checked: positions 5..7 after a past of 5
+    must be rows 5..7). A target may compute them instead of storing them (``computed_rotary_tables``)."""
     cache = kv_cache.layout(gm)
     if cache is None or not cache.positions:
         return None
     length = min(cache.positions, TABLE_POSITIONS)
+    known = [n for n in gm.graph.find_nodes(op="get_attr") if is_derived(n.target)]
+    first = next(iter(gm.graph.nodes))
     try:
         sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
         with torch.no_grad():
@@ -276,62 +272,111 @@ def _rotary_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, marks: dict[s
     except Exception:  # noqa: BLE001 - then the rotary stays outside the kernel
         return None
     half = cache.head_dim // 2
-    for whole, some in zip(full, part, strict=True):
+    out = []
+    for name, whole, some in zip(("cos", "sin"), full, part, strict=True):
         if whole.dim() != 4 or whole.shape[-1] != cache.head_dim or \
                 not torch.allclose(some[0, 0], whole[0, 0, 5:8], rtol=0, atol=1e-6):
             return None
-    values = [whole[0, 0, :, :half] for whole in full]
-    for known, nodes in built:
-        if all(torch.equal(a, b) for a, b in zip(known, values, strict=True)):
-            return nodes
-    nodes = _computed_tables(gm, sub, cache, length, half, cos.meta["val"])
-    built.append((values, nodes))
-    return nodes
+        table = whole[0, 0, :, :half].contiguous()
+        same = next((n for n in known if torch.equal(get_tensor(gm, n), table)), None)  # layers share one
+        if same is None:
+            same = new_get_attr(gm, free_target(gm, f"{DERIVED}.rotary_{name}"), table, first, buffer=True)
+            known.append(same)
+        out.append(same)
+    return out[0], out[1]
 
 
-def _computed_tables(gm: fx.GraphModule, sub: fx.GraphModule, cache: kv_cache.CacheLayout, length: int, half: int,
-                     example: torch.Tensor) -> tuple[fx.Node, fx.Node]:
-    """``sub`` (cache inputs -> cos, sin [1, 1, L, D]) copied into ``gm`` on one row of positions 0..L-1 with no
-    past, and the first halves of its two outputs' rows: [L, D/2] each, at the start of the program."""
+def computed_rotary_tables(gm: fx.GraphModule) -> int:
+    """For a target that computes the rotary tables rather than storing them (onnxruntime folds the computation
+    into constants when it loads the model, so the file keeps a few inverse frequencies instead of L * D floats:
+    2 MB for SmolLM2, 64 MB for a context of 128K): each pair of stored tables that graphpress::cached_attention
+    reads is replaced, in place, by the model's own rotary subgraph run on positions 0..L-1 with no past. A pair
+    is replaced only where that subgraph gives the stored tables bit for bit; else it stays stored. The program
+    itself keeps the stored tables: its reference never reads them, and computing them would cost every call.
+    Returns how many pairs were replaced."""
+    cache = kv_cache.layout(gm)
+    if cache is None:
+        return 0
+    marks = {n.meta[kv_cache.MARK][1]: n for n in gm.graph.nodes if kv_cache.MARK in n.meta}
+    done: dict[tuple[str, str], tuple[fx.Node, fx.Node] | None] = {}
+    for node in list(gm.graph.find_nodes(op="call_function", target=FUSED)):
+        cos, sin, cos_table, sin_table = node.args[6:10]
+        if not all(isinstance(n, fx.Node) for n in (cos, sin, cos_table, sin_table)) or \
+                cos_table.op != "get_attr" or sin_table.op != "get_attr":
+            continue
+        key = (cos_table.target, sin_table.target)
+        if key not in done:
+            done[key] = _computed_tables(gm, cos, sin, (get_tensor(gm, cos_table), get_tensor(gm, sin_table)),
+                                         cache, marks)
+        if done[key] is not None:
+            node.update_arg(8, done[key][0])
+            node.update_arg(9, done[key][1])
+    for table in [n for n in gm.graph.find_nodes(op="get_attr") if is_derived(n.target) and not n.users]:
+        gm.graph.erase_node(table)
+    gm.recompile()
+    return sum(nodes is not None for nodes in done.values())
+
+
+def _computed_tables(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, stored: tuple[torch.Tensor, torch.Tensor],
+                     cache: kv_cache.CacheLayout, marks: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The subgraph computing ``cos`` and ``sin`` from the cache inputs, copied at the start of ``gm`` on one row of
+    positions 0..L-1 (L: the stored tables' rows) with no past, and the first halves of its outputs' rows:
+    [L, D/2] each; None, with nothing added, when they are not ``stored`` bit for bit."""
     from torch._guards import detect_fake_mode
 
+    length, half = stored[0].shape
+    device = stored[0].device
+    try:
+        sub = kv_cache.input_subgraph(gm, [cos, sin], marks)
+        with torch.no_grad():
+            full = sub(*(x.to(device) for x in _mask_case(cache, 1, 0, length, 0)))
+    except Exception:  # noqa: BLE001 - then the tables stay stored
+        return None
+    if not all(torch.equal(whole[0, 0, :, :half], table) for whole, table in zip(full, stored, strict=True)):
+        return None
     graph = gm.graph
-    mode = detect_fake_mode([example])
     start = next(n for n in graph.nodes if n.op != "placeholder")
-    inputs = {  # the cache inputs of _mask_case(cache, 1, 0, length, 0), as nodes
-        "input_ids": (aten.zeros.default, ([1, length],), {"dtype": torch.long}),
-        "attention_mask": (aten.ones.default, ([1, length],), {"dtype": torch.long}),
-        "position_ids": (aten.arange.start, (0, length), {"dtype": torch.long}),
+    factories = {  # the cache inputs of _mask_case(cache, 1, 0, length, 0), as nodes
+        "input_ids": (aten.zeros.default, ([1, length],), torch.long),
+        "attention_mask": (aten.ones.default, ([1, length],), torch.long),
+        "position_ids": (aten.arange.start, (0, length), torch.long),
     }
     env: dict[fx.Node, fx.Node] = {}
     new: list[fx.Node] = []
-    with graph.inserting_before(start):
-        for p in sub.graph.find_nodes(op="placeholder"):
-            if not p.users:
-                continue
-            target, args, kwargs = inputs.get(p.target, (aten.zeros.default,
-                                                         ([1, cache.heads, 0, cache.head_dim],),
-                                                         {"dtype": cache.torch_dtype}))
-            env[p] = graph.call_function(target, args, kwargs)
-            new.append(env[p])
-            if p.target == "position_ids":
-                env[p] = graph.call_function(aten.unsqueeze.default, (env[p], 0))
+    try:
+        mode = detect_fake_mode([cos.meta["val"]])
+        with graph.inserting_before(start):
+            for p in sub.graph.find_nodes(op="placeholder"):
+                if not p.users:
+                    continue
+                target, args, dtype = factories.get(
+                    p.target, (aten.zeros.default, ([1, cache.heads, 0, cache.head_dim],), cache.torch_dtype))
+                env[p] = graph.call_function(target, args, {"dtype": dtype, "device": device})
                 new.append(env[p])
-        for node in sub.graph.nodes:
-            if node.op == "output":
-                outputs = node.args[0]
-            elif node.op != "placeholder":
-                env[node] = graph.node_copy(node, env.__getitem__)
-                env[node].meta.pop(kv_cache.MARK, None)
-                new.append(env[node])
-        tables = []
-        for out in outputs:
-            row = graph.call_function(aten.select.int, (graph.call_function(aten.select.int, (env[out], 0, 0)), 0, 0))
-            tables.append(graph.call_function(aten.slice.Tensor, (row, -1, 0, half)))
-            new.extend([row.args[0], row, tables[-1]])
-    for node in new:
-        if node.op == "call_function":
-            infer_val(node, mode)
+                if p.target == "position_ids":
+                    env[p] = graph.call_function(aten.unsqueeze.default, (env[p], 0))
+                    new.append(env[p])
+            outputs = ()
+            for node in sub.graph.nodes:
+                if node.op == "output":
+                    outputs = node.args[0]
+                elif node.op != "placeholder":
+                    env[node] = graph.node_copy(node, env.__getitem__)
+                    env[node].meta.pop(kv_cache.MARK, None)
+                    new.append(env[node])
+            tables = []
+            for out in outputs:
+                row = graph.call_function(aten.select.int, (graph.call_function(aten.select.int, (env[out], 0, 0)),
+                                                            0, 0))
+                tables.append(graph.call_function(aten.slice.Tensor, (row, -1, 0, half)))
+                new.extend([row.args[0], row, tables[-1]])
+        for node in new:
+            if node.op == "call_function":
+                infer_val(node, mode)
+    except Exception:  # noqa: BLE001 - a subgraph whose shapes cannot be propagated: the tables stay stored
+        for node in reversed(new):
+            graph.erase_node(node)
+        return None
     return tables[0], tables[1]
 
 

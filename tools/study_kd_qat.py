@@ -4,7 +4,7 @@
 
 The student is w4-kd-qat's program just before ``distill`` (AWQ, GPTQ, thaw_quantized), built once and kept at
 ``--cache`` (a Program.save archive); the teacher is the captured float model. Each ``--config`` (comma-separated
-distill options: lr, warmup, freeze_roles=a+b, freeze=regex+regex, learn_scales) trains a fresh copy for
+distill options: lr, grid_lr, warmup, freeze_roles=a+b, freeze=regex+regex, learn_scales) trains a fresh copy for
 ``--steps`` steps on installed packages' docstrings (graphpress.training_text; never evaluation or calibration
 text) and reports the KL on held-out training windows before and after, and the training loss every step.
 """
@@ -23,7 +23,7 @@ from graphpress import training_text as tt
 from graphpress.capture import capture
 from graphpress.compress import prepare_calibration, resolve_source, sample_inputs
 from graphpress.distill import train
-from graphpress.passes.distill import select
+from graphpress.passes.distill import grid_rates, select
 from graphpress.program import Program
 from graphpress.recipes import load_recipe
 from graphpress.runner import run_pipeline
@@ -76,7 +76,7 @@ def main() -> None:
                                 **options)
         params, masks, _ = select(student.gm, d.train, d.freeze, d.freeze_roles)
         start = time.perf_counter()
-        result = train(student, teacher, windows, d.config(), params, masks)
+        result = train(student, teacher, windows, d.config(), params, masks, rates=grid_rates(student.gm, params, d.grid_lr))
         row = {"config": config, "held_out_before": result.held_out_before, "held_out_after": result.held_out_after,
                "losses": [round(x, 4) for x in result.losses], "seconds": time.perf_counter() - start,
                "trainable": sum(p.numel() for p in params)}

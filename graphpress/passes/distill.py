@@ -15,7 +15,8 @@ Which parameters train (of those that require gradients: a parameter an earlier 
 
 ``grid_lr`` sets a fake-quantized weight's learning rate in units of its grid step (the median of its scales)
 instead of ``lr``: AdamW moves every weight by about its learning rate a step, and grids differ from layer to
-layer (AWQ's scaling, 8 against 4 bits) by more than an order of magnitude.
+layer (AWQ's scaling, 8 against 4 bits) by more than an order of magnitude. Scales that train (thaw_quantized's
+``learn_scales``) take the same rate, which moves each by about ``grid_lr`` of its size a step.
 
 Where it trains: ``device: auto`` takes the GPU when there is one. On a CPU a run that would take longer than
 ``max_cpu_minutes`` (estimated from the model's size and the CPU's measured matmul rate) is refused with the
@@ -119,8 +120,9 @@ class Distill(TrainConfig, Pass):
 
 
 def grid_rates(gm: fx.GraphModule, params: list[nn.Parameter], grid_lr: float) -> dict[nn.Parameter, float]:
-    """Each trained fake-quantized weight's peak learning rate: ``grid_lr`` times the median of its grid's
-    scales (a step of that size moves the weight by ``grid_lr`` of a code). Nothing when grid_lr is 0."""
+    """Each trained fake-quantized weight's peak learning rate, and its scales' when they train (LSQ):
+    ``grid_lr`` times the median of its grid's scales, so that a step moves the weight by ``grid_lr`` of a code
+    and a scale by about ``grid_lr`` of its size. Nothing when grid_lr is 0."""
     if not grid_lr:
         return {}
     trained = set(params)
@@ -128,8 +130,10 @@ def grid_rates(gm: fx.GraphModule, params: list[nn.Parameter], grid_lr: float) -
     for node in gm.graph.nodes:
         if is_op(node, FAKE):
             weight, scales = (get_tensor(gm, a) for a in node.args[:2])
-            if weight in trained and scales is not None:
-                out[weight] = grid_lr * scales.detach().abs().float().median().item()
+            if scales is None:
+                continue
+            rate = grid_lr * scales.detach().abs().float().median().item()
+            out.update({t: rate for t in (weight, scales) if t in trained})
     return out
 
 

@@ -157,7 +157,9 @@ class ThawQuantized(Pass):
             for t in (qweight, scales, zeros):  # the codes go: so do their records
                 if isinstance(t, fx.Node):
                     provenance.forget(gm, t.target)
-            weight = new_get_attr(gm, free_target(gm, f"{prefix}.weight"), torch.nn.Parameter(w), node)
+            name = f"{prefix}.weight"  # its source's name, unless that is another tensor (a Conv1D's transpose)
+            avoid = () if sources == [provenance.Piece(name)] else {p.source for p in sources}
+            weight = new_get_attr(gm, free_target(gm, name, avoid), torch.nn.Parameter(w), node)
             if sources and sources != [provenance.Piece(weight.target)]:
                 provenance.record(gm, weight.target, sources)
             s_node = new_get_attr(gm, free_target(gm, f"{prefix}.fq_scales"), torch.nn.Parameter(safe.clone()), node)

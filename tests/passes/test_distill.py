@@ -274,9 +274,9 @@ def test_training_for_int8_kernels_rounds_activations_and_freezes_into_a_w4a8_pr
 
 
 def test_grid_lr_moves_each_fake_quantized_weight_by_its_share_of_a_code() -> None:
-    """grid_lr: a fake-quantized weight's learning rate is grid_lr times the median of its scales (AdamW's first
-    step moves each element by its learning rate, less what Adam's epsilon takes off a small gradient); the
-    other parameters keep lr."""
+    """grid_lr: a fake-quantized weight's learning rate (and its scales', when they train) is grid_lr times the
+    median of its scales (AdamW's first step moves each element by its learning rate, less what Adam's epsilon
+    takes off a small gradient); the other parameters keep lr."""
     from graphpress.passes.distill import grid_rates
 
     passes = [*_prep(), P["rtn"](bits=4, group_size=32, roles=("block",)), P["thaw_quantized"](learn_scales=False)]
@@ -296,3 +296,30 @@ def test_grid_lr_moves_each_fake_quantized_weight_by_its_share_of_a_code() -> No
     assert moved["model.layers.0.mlp.down_proj.weight"] == pytest.approx(rates[down], rel=1e-2)
     assert moved["model.norm.weight"] == pytest.approx(1e-3, rel=1e-2)
     assert moved["model.layers.0.mlp.down_proj.fq_scales"] == 0
+    # learned scales (LSQ) take their weight's rate, about grid_lr of their own size a step (their gradient is 0
+    # while every weight lies on its grid, so they only move once the weights have)
+    student, _ = run_pipeline(_peaked_llama(), [*passes[:-1], P["thaw_quantized"](learn_scales=True)])
+    params, _, _ = select(student.gm, (".*",), (), ())
+    named = dict(student.gm.named_parameters())
+    rates = grid_rates(student.gm, params, 0.01)
+    assert len(rates) == 28 and rates[named["model.layers.0.mlp.down_proj.fq_scales"]] == rates[
+        named["model.layers.0.mlp.down_proj.weight"]]
+
+
+def test_a_thawed_conv1d_weight_keeps_its_transposed_source_under_a_fresh_name() -> None:
+    """GPT-2's Conv1D stores W^T: the thawed linear weight comes from that tensor transposed. Once a later pass
+    (here quantize_embedding) has dropped the unused original, its name is free, but naming the thawed weight
+    after its own source would break the record (w4-kd-qat on GPT-2): it takes a fresh name instead."""
+    from graphpress import provenance
+    from graphpress.capture import capture
+    from tests.hf_tiny import tiny_model
+
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    passes = [*_prep(), P["rtn"](bits=4, group_size=16, roles=("block",)),
+              P["quantize_embedding"](bits=8, symmetric=True, group_size=None), P["thaw_quantized"]()]
+    program, records = run_pipeline(capture(tiny_model("gpt2"), (ids,), kind="causal-lm", name="gpt2"), passes)
+    assert records[-1].stats["thawed"] > 0
+    target = "transformer.h.0.attn.c_attn.weight"
+    thawed = [n for n, _ in program.gm.named_parameters() if n.startswith(target)]
+    assert thawed == [f"{target}_1"]
+    assert provenance.sources_of(program.gm, thawed[0]) == [provenance.Piece(target, transposed=True)]

@@ -411,10 +411,19 @@ def rms_norm_rule(x, normalized_shape, weight=None, eps=None):  # noqa: ANN001, 
 
 def skip_norms(model: object) -> None:
     """Residual Add + SimplifiedLayerNormalization -> one com.microsoft SkipSimplifiedLayerNormalization (its
-    fourth output is the sum, for the next residual): onnxscript's rewrite rule, on the exported model."""
-    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+    fourth output is the sum, for the next residual): onnxscript's rewrite rules, on the exported model.
 
-    fuse_skip_rms_normalization(model)
+    The rules are made for each model: onnxscript's module-level rule set keeps the last graph it matched (its
+    matchers' ``_graph``), and with it every initializer of that model, for the rest of the process (SmolLM2's
+    fp32 reference export: a 0.5 GB copy of the weights alive through every later stage of a compress)."""
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.ort_fusions.skip_normalization import SkipRmsNormFusion
+
+    pattern.RewriteRuleSet([
+        SkipRmsNormFusion.rule("SkipRmsNormPreBias", has_bias=True, bias_pre_add=True),
+        SkipRmsNormFusion.rule("SkipRmsNormBias", has_bias=True, bias_pre_add=False),
+        SkipRmsNormFusion.rule("SkipRmsNorm", has_bias=False),
+    ]).apply_to_model(model)
 
 
 def onnxruntime_rules(kernel: str = "nbits", accuracy_level: int = 4, fp16_scales: bool = True) -> RuleTable:

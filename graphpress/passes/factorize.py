@@ -109,10 +109,9 @@ class Factorize(Selection, Pass):
         weighed = "by the next-token loss's Fisher" if fisher else "no (not a language model)"
         chosen = {graph.module_name(n.args[1].target): ranks[n] for n in kept}
         before = sum(p.numel() for p in gm.parameters())
+        del weights  # views of weights that the factors replace
         for node in kept:
-            W = weights[node]
-            A, B = factors[node]
-            _replace(gm, node, A.to(W.dtype), B.to(W.dtype))
+            _replace(gm, node, *factors.pop(node))
         graph.cleanup(gm)
         after = sum(p.numel() for p in gm.parameters())
         stats = {"ranks": chosen, "skipped": skipped, "parameters_removed": before - after}
@@ -134,12 +133,19 @@ class Factorize(Selection, Pass):
 
     def _factors(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], ranks: dict[fx.Node, int],
                  fisher: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
-        """The factors of every node; with ``sequential``, each block's linears are factorized on the inputs the
-        factorized earlier blocks give (their weight holds A B while the stream runs on, restored after)."""
+        """The factors of every node, in the weights' dtype; with ``sequential``, each block's linears are
+        factorized on the inputs the factorized earlier blocks give (their weight holds A B while the stream runs
+        that block again, then its own values again: one block's copies alive at a time)."""
         if self.method == "plain":
-            return {n: lowrank.plain(graph.get_tensor(gm, n.args[1]), ranks[n]) for n in nodes}
+            return {n: _cast(lowrank.plain(graph.get_tensor(gm, n.args[1]), ranks[n]), gm, n) for n in nodes}
         factors: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-        originals: dict[fx.Node, torch.Tensor] = {}
+        originals: dict[fx.Node, torch.Tensor] = {}  # the weights of the block the stream runs again
+
+        def restore() -> None:
+            with torch.no_grad():
+                for node, w in originals.items():
+                    graph.get_tensor(gm, node.args[1]).copy_(w)
+            originals.clear()
 
         def on_group(members: list[fx.Node], xtx: torch.Tensor, mean_abs: torch.Tensor | None) -> None:
             white = lowrank.whitening(xtx, self.damp) if self.method == "whitened" else None
@@ -149,20 +155,19 @@ class Factorize(Selection, Pass):
                 # whitening, the SVD's factors) alive with them: 0.1 GB a block on SmolLM2
                 W = w.detach()
                 if white is not None:
-                    factors[node] = lowrank.whitened(W, xtx, ranks[node], fisher=fisher.get(node), white=white)
+                    A, B = lowrank.whitened(W, xtx, ranks[node], fisher=fisher.get(node), white=white)
                 else:
-                    factors[node] = lowrank.asvd(W, mean_abs, ranks[node], self.alpha)
+                    A, B = lowrank.asvd(W, mean_abs, ranks[node], self.alpha)
                 if self.sequential:
                     originals[node] = W.clone()
                     with torch.no_grad():
-                        w.copy_((factors[node][0] @ factors[node][1]).to(w.dtype))
+                        w.copy_((A @ B).to(w.dtype))
+                factors[node] = _cast((A, B), gm, node)  # float64 held to the end: 0.34 GB more on SmolLM2
 
         try:
-            self._stream(gm, ctx, nodes, on_group, rerun=self.sequential)
+            self._stream(gm, ctx, nodes, on_group, rerun=self.sequential, on_part=restore)
         finally:
-            with torch.no_grad():
-                for node, w in originals.items():
-                    graph.get_tensor(gm, node.args[1]).copy_(w)
+            restore()
         return factors
 
     def _check_calibration(self, ctx: PassContext) -> None:
@@ -172,9 +177,9 @@ class Factorize(Selection, Pass):
 
     def _stream(self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node],
                 on_group: Callable[[list[fx.Node], torch.Tensor, torch.Tensor | None], None], rerun: bool = False,
-                max_batches: int | None = None) -> None:
+                max_batches: int | None = None, on_part: Callable[[], None] = lambda: None) -> None:
         """Stream the calibration batches, calling ``on_group(nodes, X^T X, mean |x|)`` for the nodes that read
-        one input."""
+        one input, and ``on_part()`` before each part's groups (the part before it has run again by then)."""
         self._check_calibration(ctx)
         targets = {n.args[1].target: n for n in nodes}
         groups = groups_by_input(gm, set(targets))
@@ -183,6 +188,7 @@ class Factorize(Selection, Pass):
         asvd = self.method == "asvd"  # mean |x| only for ASVD's scaling
 
         def on_stats(part: Part, got: dict[str, GroupStats]) -> None:
+            on_part()
             for lead, st in got.items():
                 members = [targets[w] for w in by_lead[lead]]
                 on_group(members, st.inputs.xtx.float(), st.inputs.mean_abs if asvd else None)
@@ -246,6 +252,12 @@ def allocate(tails: dict, shapes: dict, budget: float) -> dict:
         elif ranks[k] + 1 < len(tails[k]) and ranks[k] < lowrank.break_even(m, n):
             heapq.heappush(heap, gain(i))
     return ranks
+
+
+def _cast(factors: tuple[torch.Tensor, torch.Tensor], gm: fx.GraphModule, node: fx.Node
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = graph.get_tensor(gm, node.args[1]).dtype
+    return factors[0].to(dtype), factors[1].to(dtype)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, A: torch.Tensor, B: torch.Tensor) -> None:

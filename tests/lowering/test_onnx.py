@@ -99,3 +99,22 @@ def test_folding_leaves_a_constant_that_would_grow_the_file_to_the_runtime() -> 
     assert max(numpy_helper.to_array(t).size for t in folded.graph.initializer) == 4  # no table of n stored
     assert [n.op_type for n in folded.graph.node].count("Cos") == 1  # the small one was folded
     np.testing.assert_array_equal(ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0], before)
+
+
+def test_an_export_keeps_nothing_of_the_model_it_wrote(tmp_path) -> None:
+    """Once export_onnx returns, no ONNX IR graph of the export is alive: onnxscript's module-level rewrite rules
+    keep the last graph they matched, and with it every initializer (SmolLM2's fp32 reference export left a
+    0.5 GB copy of the weights behind for the rest of a compress)."""
+    import gc
+
+    import onnx_ir as ir
+
+    from graphpress.passes import PASSES
+    from graphpress.runner import run_pipeline
+
+    program, _ = run_pipeline(capture_tiny("llama"), [PASSES["fuse_rms_norm"]()])
+    export_onnx(program, tmp_path / "m.onnx")
+    gc.collect()
+    assert "SkipSimplifiedLayerNormalization" in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    # (onnxscript's own library functions, IsScalar and the like, are graphs without initializers)
+    assert not [o for o in gc.get_objects() if isinstance(o, ir.Graph) and o.initializers]
